@@ -1,0 +1,1 @@
+"""edgeadapt export package."""

@@ -1,0 +1,67 @@
+"""The ``edgeadapt`` command line.
+
+Each package contributes its subcommands through a light ``commands`` module that imports only
+argparse at top level; handlers import their heavy dependencies (torch, onnx) when they run.
+So ``edgeadapt run`` on a device never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from runtime.errors import EdgeadaptError
+
+#: Modules with ``register(subparsers, bench_subparsers)``; missing ones are skipped.
+COMMAND_MODULES = (
+    "runtime.commands",
+    "training.commands",
+    "export.commands",
+    "devices.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every installed package's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="edgeadapt",
+        description="Meta-train, export, flash and run adaptive policies on edge devices.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(
+        dest="bench_command", metavar="WHAT", required=True
+    )
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency inside the module
+                raise
+            continue
+        module.register(sub, bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``edgeadapt`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except EdgeadaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Task families (numpy only): point-nav, point-nav-sparse, drone-wind, car-friction."""
+
+from __future__ import annotations
+
+from runtime.tasks.base import FamilySpec, Split, StepResult, TaskFamily
+from runtime.tasks.registry import available_families, make_family, register_family
+
+__all__ = [
+    "FamilySpec",
+    "Split",
+    "StepResult",
+    "TaskFamily",
+    "available_families",
+    "make_family",
+    "register_family",
+]

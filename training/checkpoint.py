@@ -1,0 +1,106 @@
+"""Run directories and checkpoints.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``learning_curve.png`` and ``checkpoints/{latest,iter_NNNNNN}.pt``. Checkpoints are plain
+dicts of tensors and numbers loaded with ``torch.load(weights_only=True)``: loading never
+executes arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from runtime.configio import validate
+from runtime.errors import CheckpointError
+from runtime.tasks import TaskFamily, make_family
+from training.agent import PearlNetworks, build_networks
+from training.config import TrainConfig
+
+FORMAT = "edgeadapt-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.yaml"
+LATEST = "latest.pt"
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for evaluation or export."""
+
+    run_dir: Path
+    config: TrainConfig
+    family: TaskFamily
+    nets: PearlNetworks
+    state: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, nets: PearlNetworks, extra: dict[str, Any]) -> Path:
+    """Write ``iter_NNNNNN.pt`` atomically and point ``latest.pt`` at the same content."""
+    ckdir = checkpoint_dir(run_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nets": {name: m.state_dict() for name, m in nets.modules().items()},
+        "log_alpha": nets.log_alpha.detach().clone(),
+        **extra,
+    }
+    path = ckdir / f"iter_{int(extra.get('iteration', 0)):06d}.pt"
+    for target in (path, ckdir / LATEST):
+        tmp = target.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint dict safely, with a clear error when it is missing or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/garbage files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an edgeadapt checkpoint")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {data.get('format_version')} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    return data
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config saved in a run directory."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    return validate(yaml.safe_load(path.read_text()) or {}, TrainConfig, source=str(path))
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
+    """Rebuild a run's networks from its latest (or the named) checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    family = make_family(cfg.env.name, 1)
+    state = read_checkpoint(Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST)
+    nets = build_networks(cfg, family.spec)
+    try:
+        for name, module in nets.modules().items():
+            module.load_state_dict(state["nets"][name])
+        nets.log_alpha.data.copy_(state["log_alpha"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{run_dir}: checkpoint does not match the run's config ({exc})"
+        ) from None
+    return LoadedRun(run_dir, cfg, family, nets, state)

@@ -1,0 +1,116 @@
+"""Typed, validated configuration of one training run (loaded from ``configs/``).
+
+Every field is documented where it is declared. Unknown keys and wrong types fail at load time
+(``extra="forbid"``) with the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runtime.configio import load_config
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvConfig(_Section):
+    name: str = Field("point-nav", description="task family name (see `edgeadapt envs`)")
+    num_train_tasks: int = Field(
+        0, ge=0, description="distinct train tasks to meta-train on; 0 = every task of the split"
+    )
+
+
+class ModelConfig(_Section):
+    latent_dim: int = Field(5, ge=1, le=64, description="size of the task latent z")
+    encoder_hidden: tuple[int, ...] = Field(
+        (200, 200, 200), description="hidden widths of the per-transition context encoder"
+    )
+    hidden: tuple[int, ...] = Field((256, 256), description="hidden widths of actor and critics")
+    prior_var: float = Field(1.0, gt=0, description="variance of the N(0, prior_var I) prior")
+    min_var: float = Field(
+        1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"
+    )
+
+    @field_validator("encoder_hidden", "hidden")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError("expected a non-empty list of positive widths")
+        return v
+
+
+class SACConfig(_Section):
+    gamma: float = Field(0.99, gt=0, le=1, description="discount factor")
+    tau: float = Field(0.005, gt=0, le=1, description="Polyak factor of the target critics")
+    lr_actor: float = Field(3e-4, gt=0, description="actor learning rate")
+    lr_critic: float = Field(3e-4, gt=0, description="critic (and encoder) learning rate")
+    lr_alpha: float = Field(3e-4, gt=0, description="entropy temperature learning rate")
+    alpha: float | Literal["auto"] = Field(
+        "auto", description="entropy temperature, or 'auto' to tune it toward target_entropy"
+    )
+    init_alpha: float = Field(0.1, gt=0, description="initial temperature when alpha is 'auto'")
+    target_entropy: float | None = Field(
+        None, description="target policy entropy (nats); None = -act_dim"
+    )
+    reward_scale: float = Field(1.0, gt=0, description="rewards are multiplied by this")
+    batch_size: int = Field(256, ge=1, description="transitions per task in each SAC batch")
+
+
+class PEARLConfig(_Section):
+    oracle: bool = Field(
+        False, description="privileged oracle: the true (normalized) task vector replaces z"
+    )
+    kl_weight: float = Field(0.1, ge=0, description="weight of KL(q(z|c) || prior)")
+    context_size: int = Field(64, ge=1, description="transitions in each training context")
+    meta_batch: int = Field(16, ge=1, description="tasks per gradient step")
+    forget: float = Field(1.0, gt=0, le=1, description="belief forgetting factor at deployment")
+
+
+class TrainLoopConfig(_Section):
+    iterations: int = Field(200, ge=1, description="meta-training iterations")
+    initial_episodes: int = Field(
+        4, ge=0, description="prior-latent episodes collected per train task before training"
+    )
+    tasks_per_iter: int = Field(16, ge=1, description="tasks visited for collection per iteration")
+    episodes_prior: int = Field(
+        1, ge=0, description="episodes per visited task with z from the prior (exploration data)"
+    )
+    episodes_posterior: int = Field(
+        1, ge=0, description="episodes per visited task with z inferred online (adapted data)"
+    )
+    updates_per_iter: int = Field(100, ge=1, description="gradient steps per iteration")
+    buffer_size: int = Field(20_000, ge=100, description="transitions kept per task")
+    eval_every: int = Field(20, ge=1, description="iterations between evaluations")
+    checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
+    num_threads: int = Field(2, ge=1, description="torch intra-op threads")
+
+
+class EvalConfig(_Section):
+    tasks: int = Field(20, ge=1, description="held-out tasks evaluated")
+    episodes: int = Field(3, ge=1, description="episodes per task; the belief carries over")
+    oracle_run: str | None = Field(
+        None, description="run directory of the privileged oracle used for normalized scores"
+    )
+
+
+class TrainConfig(_Section):
+    """One PEARL (or oracle) meta-training run."""
+
+    algo: Literal["pearl"] = "pearl"
+    seed: int = Field(0, ge=0, description="seed of every RNG in the run")
+    env: EnvConfig = EnvConfig()
+    model: ModelConfig = ModelConfig()
+    sac: SACConfig = SACConfig()
+    pearl: PEARLConfig = PEARLConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Load and validate a training config, applying ``key.sub=value`` overrides."""
+    return load_config(path, TrainConfig, overrides)

@@ -1,0 +1,104 @@
+"""Networks shared by training, export and tests.
+
+State goes in and out: no module stores a latent or a posterior. Shapes use suffixes:
+``B`` batch, ``T`` transitions in a context, ``Z`` latent, ``O`` obs, ``A`` action.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOG_STD_MIN = -5.0
+LOG_STD_MAX = 2.0
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_LOG2 = math.log(2.0)
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    """ReLU multi-layer perceptron with a linear output layer."""
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden:
+        layers += [nn.Linear(last, width), nn.ReLU()]
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    return nn.Sequential(*layers)
+
+
+def transition_dim(obs_dim: int, act_dim: int) -> int:
+    """Width of one encoded transition (s, a, r, s')."""
+    return 2 * obs_dim + act_dim + 1
+
+
+class ContextEncoder(nn.Module):
+    """Maps each transition (s, a, r, s') to a Gaussian factor (mu, var) over the latent."""
+
+    def __init__(
+        self, obs_dim: int, act_dim: int, latent_dim: int, hidden: tuple[int, ...], min_var: float
+    ) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.min_var = min_var
+        self.net = mlp(transition_dim(obs_dim, act_dim), hidden, 2 * latent_dim)
+
+    def forward(self, transition_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(transition_BD)
+        mu, raw = out[..., : self.latent_dim], out[..., self.latent_dim :]
+        return mu, F.softplus(raw) + self.min_var
+
+
+class ActorOutput(NamedTuple):
+    action: torch.Tensor  # tanh-squashed sample in [-1, 1]
+    log_prob: torch.Tensor  # (B,)
+    mean_action: torch.Tensor  # tanh(mean): the deterministic action
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC actor on (obs, z): a Gaussian squashed by tanh into [-1, 1]^A."""
+
+    def __init__(self, obs_dim: int, latent_dim: int, act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.net = mlp(obs_dim + latent_dim, hidden, 2 * act_dim)
+        self.act_dim = act_dim
+
+    def deterministic(self, obs_BO: torch.Tensor, z_BZ: torch.Tensor) -> torch.Tensor:
+        """tanh(mean): the action a deployed policy takes, in [-1, 1]."""
+        out = self.net(torch.cat([obs_BO, z_BZ], dim=-1))
+        return torch.tanh(out[..., : self.act_dim])
+
+    def forward(
+        self, obs_BO: torch.Tensor, z_BZ: torch.Tensor, generator: torch.Generator | None = None
+    ) -> ActorOutput:
+        out = self.net(torch.cat([obs_BO, z_BZ], dim=-1))
+        mean, log_std = out[..., : self.act_dim], out[..., self.act_dim :]
+        log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        std = log_std.exp()
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        pre = mean + std * noise
+        action = torch.tanh(pre)
+        # log N(pre; mean, std) minus the tanh Jacobian, in a numerically stable form.
+        gauss = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI
+        squash = 2.0 * (_LOG2 - pre - F.softplus(-2.0 * pre))
+        log_prob = (gauss - squash).sum(-1)
+        return ActorOutput(action, log_prob, torch.tanh(mean))
+
+
+class TwinCritic(nn.Module):
+    """Two Q-networks on (obs, action, z); returns both estimates."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        in_dim = obs_dim + act_dim + latent_dim
+        self.q1 = mlp(in_dim, hidden, 1)
+        self.q2 = mlp(in_dim, hidden, 1)
+
+    def forward(
+        self, obs_BO: torch.Tensor, act_BA: torch.Tensor, z_BZ: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs_BO, act_BA, z_BZ], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
