@@ -17,9 +17,11 @@ from runtime.errors import EdgeadaptError
 #: Modules with ``register(subparsers, bench_subparsers)``; missing ones are skipped.
 COMMAND_MODULES = (
     "runtime.commands",
+    "runtime.tasks.commands",
     "training.commands",
     "export.commands",
     "devices.commands",
+    "devices.telemetry.commands",
 )
 
 

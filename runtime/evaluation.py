@@ -1,0 +1,129 @@
+"""The meta-test adaptation protocol, shared by torch runs and on-device bundles (numpy only).
+
+For each held-out task the belief starts at the prior, is updated after *every* transition
+(online, as on the device) and carries over across the K episodes of the task. All tasks run in
+one vectorized batch. A policy implements :class:`AdaptivePolicy`; the protocol is the same for
+the torch run (``training.evaluate``) and for an exported bundle (``runtime.agent``), so their
+numbers are directly comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+
+from runtime.tasks import Split, TaskFamily, make_family
+
+
+class AdaptivePolicy(Protocol):
+    """A batch of B agents acting on B tasks, with normalized actions in [-1, 1]."""
+
+    def begin_task(self, tasks_BK: np.ndarray) -> None:
+        """Forget everything: the belief returns to the prior (oracles may read ``tasks_BK``)."""
+
+    def act(self, obs_BO: np.ndarray) -> np.ndarray:
+        """Deterministic normalized action ``(B, A)`` for the current belief."""
+
+    def observe(
+        self,
+        obs_BO: np.ndarray,
+        action_BA: np.ndarray,
+        reward_B: np.ndarray,
+        next_obs_BO: np.ndarray,
+    ) -> None:
+        """Absorb one transition per agent into the belief."""
+
+
+class RandomPolicy:
+    """Uniform random normalized actions: the 0 of normalized scores."""
+
+    def __init__(self, act_dim: int, rng: np.random.Generator) -> None:
+        self.act_dim = act_dim
+        self.rng = rng
+
+    def begin_task(self, tasks_BK: np.ndarray) -> None:
+        self.batch = len(tasks_BK)
+
+    def act(self, obs_BO: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=(len(obs_BO), self.act_dim)).astype(np.float32)
+
+    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO) -> None:
+        return None
+
+
+@dataclass
+class RolloutResult:
+    """Per-episode returns: ``returns_TE[t, e]`` for task t, episode e."""
+
+    returns_TE: np.ndarray
+
+    @property
+    def by_episode(self) -> list[float]:
+        return [float(x) for x in self.returns_TE.mean(axis=0)]
+
+
+def held_out_tasks(family: TaskFamily, split: Split | str, n: int, seed: int) -> np.ndarray:
+    """The ``n`` evaluation tasks of ``split``, deterministic in ``seed``."""
+    pool = getattr(family, "task_pool", None)
+    if pool is not None:
+        tasks = pool(split)
+        if n <= len(tasks):
+            idx = np.random.default_rng(seed).choice(len(tasks), size=n, replace=False)
+            return tasks[np.sort(idx)]
+    return family.sample_tasks(split, n, np.random.default_rng(seed))
+
+
+def rollout(
+    policy: AdaptivePolicy,
+    env_name: str,
+    tasks_BK: np.ndarray,
+    episodes: int,
+    seed: int,
+    scale_action: bool = True,
+) -> RolloutResult:
+    """Run ``episodes`` consecutive episodes per task; the belief persists across them."""
+    env = make_family(env_name, len(tasks_BK))
+    spec = env.spec
+    rng = np.random.default_rng(seed)
+    half = (spec.act_high - spec.act_low) / 2.0
+    policy.begin_task(tasks_BK)
+    returns = np.zeros((len(tasks_BK), episodes))
+    for ep in range(episodes):
+        obs = env.reset(tasks_BK, rng)
+        for _ in range(spec.horizon):
+            action = policy.act(obs)
+            physical = spec.act_low + half * (action + 1.0) if scale_action else action
+            res = env.step(physical)
+            policy.observe(obs, action, res.reward, res.obs)
+            returns[:, ep] += res.reward
+            obs = res.obs
+    return RolloutResult(returns)
+
+
+@dataclass
+class EvalReport:
+    """What ``edgeadapt evaluate --json`` prints."""
+
+    env: str
+    split: str
+    tasks: int
+    episodes: int
+    return_by_episode: list[float]
+    normalized_by_episode: list[float] | None
+    nonadaptive_return_by_episode: list[float]
+    nonadaptive_normalized_by_episode: list[float] | None
+    oracle_return: float | None
+    random_return: float
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize(returns: list[float], random_return: float, oracle_return: float | None):
+    """0 = random policy, 1 = privileged oracle, per episode index."""
+    if oracle_return is None or abs(oracle_return - random_return) < 1e-9:
+        return None
+    return [(r - random_return) / (oracle_return - random_return) for r in returns]
