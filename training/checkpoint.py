@@ -80,6 +80,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
+def write_run_config(run_dir: Path, cfg: TrainConfig) -> Path:
+    """Write the resolved config of a run (``config.yaml``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
 def load_run_config(run_dir: Path) -> TrainConfig:
     """The resolved config saved in a run directory."""
     path = run_dir / CONFIG_FILE
