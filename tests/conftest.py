@@ -1,0 +1,14 @@
+"""Shared pytest fixtures. Area-specific fixtures live in their own modules, imported here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT

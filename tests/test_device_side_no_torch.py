@@ -1,0 +1,27 @@
+"""House rule: the device side (runtime, devices, the CLI entry) never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROBES = [
+    "import runtime, devices",
+    "import runtime.cli; runtime.cli.build_parser()",
+    "import runtime.posterior, runtime.evaluation, runtime.tasks; runtime.tasks.make_family('point-nav')",
+]
+
+
+@pytest.mark.parametrize("code", PROBES)
+def test_device_side_imports_do_not_load_torch(code: str) -> None:
+    probe = f"{code}\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_probe_detects_torch_when_it_is_imported() -> None:
+    probe = "import training.networks, sys\nassert 'torch' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode != 0

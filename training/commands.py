@@ -1,0 +1,131 @@
+"""CLI subcommands of the training side: ``train`` and ``evaluate`` (torch imported lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="meta-train a PEARL policy (or its privileged oracle)")
+    p.add_argument("config", help="YAML config, e.g. configs/pearl/point-nav.yaml")
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("evaluate", help="meta-test a run directory or a bundle on held-out tasks")
+    p.add_argument("path", help="run directory (torch) or bundle directory (onnxruntime)")
+    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
+    p.add_argument("--episodes", type=int, help="episodes per task (belief carries over)")
+    p.add_argument("--tasks", type=int, help="number of held-out tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of task selection and resets")
+    p.add_argument("--oracle", help="oracle run directory for normalized scores")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from runtime.errors import ConfigError
+    from training.config import load_train_config
+
+    overrides = list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_train_config(args.config, overrides)
+    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.resume and not (run_dir / "checkpoints" / "latest.pt").is_file():
+        raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/latest.pt)")
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not args.force:
+            raise ConfigError(
+                f"{run_dir}: run directory exists; pass --resume to continue or --force to "
+                "overwrite"
+            )
+        import shutil
+
+        shutil.rmtree(run_dir)
+    return _train(cfg, run_dir, args)
+
+
+def _train(cfg, run_dir: Path, args: argparse.Namespace) -> int:
+    import time
+
+    from runtime.tasks import make_family
+    from training.pearl import train
+    from training.plots import plot_learning_curve
+
+    make_family(cfg.env.name)  # unknown env fails before any work
+    start = time.perf_counter()
+    state = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    png = plot_learning_curve(
+        run_dir, f"{cfg.env.name} ({'oracle' if cfg.pearl.oracle else 'PEARL'})"
+    )
+    last = state.history[-1] if state.history else {}
+    print(
+        f"trained {cfg.env.name}: {state.iteration} iterations, {state.env_steps} env steps, "
+        f"{state.updates} updates in {time.perf_counter() - start:.0f} s; "
+        f"test return ep1 {last.get('eval_return_ep1', float('nan')):.2f}, "
+        f"ep2 {last.get('eval_return_ep2', float('nan')):.2f}"
+    )
+    print(f"run directory: {run_dir}  (learning curve: {png})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if (path / "manifest.json").is_file():
+        report = _evaluate_bundle(path, args)
+    else:
+        from training.evaluate import evaluate_run
+
+        report = evaluate_run(path, args.split, args.episodes, args.tasks, args.seed, args.oracle)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(format_report(report.to_dict()))
+    return 0
+
+
+def _evaluate_bundle(path: Path, args: argparse.Namespace):
+    from runtime.agent import evaluate_bundle
+
+    oracle_return = None
+    if args.oracle:
+        from runtime.bundle import read_manifest
+        from runtime.evaluation import held_out_tasks
+        from runtime.tasks import make_family
+        from training.evaluate import oracle_return_on
+
+        env = read_manifest(path).env
+        tasks = held_out_tasks(make_family(env), args.split, args.tasks or 20, args.seed)
+        oracle_return = oracle_return_on(args.oracle, env, tasks, args.seed)
+    return evaluate_bundle(
+        path, args.split, args.tasks or 20, args.episodes or 3, args.seed, oracle_return
+    )
+
+
+def format_report(r: dict) -> str:
+    """Human-readable table of an evaluation report."""
+
+    def row(name: str, values: list[float] | None) -> str:
+        cells = "  ".join(f"{v:8.3f}" for v in values) if values else "   n/a"
+        return f"  {name:<24}{cells}"
+
+    eps = "  ".join(f"{'ep ' + str(i + 1):>8}" for i in range(r["episodes"]))
+    oracle = "n/a" if r["oracle_return"] is None else f"{r['oracle_return']:.3f}"
+    return "\n".join(
+        [
+            f"{r['env']} / {r['split']}: {r['tasks']} tasks x {r['episodes']} episodes",
+            f"  {'':<24}{eps}",
+            row("return (adaptive)", r["return_by_episode"]),
+            row("normalized (adaptive)", r["normalized_by_episode"]),
+            row("return (non-adaptive)", r["nonadaptive_return_by_episode"]),
+            row("normalized (non-adaptive)", r["nonadaptive_normalized_by_episode"]),
+            f"  random return {r['random_return']:.3f}   oracle return {oracle}",
+        ]
+    )

@@ -1,0 +1,99 @@
+"""Meta-test evaluation of a trained run (torch): adaptive vs non-adaptive vs random vs oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import CheckpointError
+from runtime.evaluation import (
+    EvalReport,
+    RandomPolicy,
+    held_out_tasks,
+    normalize,
+    rollout,
+)
+from runtime.tasks import make_family
+from training.agent import policy_latent_dim
+from training.checkpoint import LoadedRun, load_run
+from training.policy import OraclePolicy, PearlPolicy
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    episodes: int | None = None,
+    tasks: int | None = None,
+    seed: int = 0,
+    oracle_run: str | Path | None = None,
+) -> EvalReport:
+    """Run the adaptation protocol on held-out tasks and report per-episode returns."""
+    run = load_run(run_dir)
+    cfg = run.config
+    episodes = episodes or cfg.eval.episodes
+    n = tasks or cfg.eval.tasks
+    env = cfg.env.name
+    task_set = held_out_tasks(make_family(env, 1), split, n, seed)
+    adaptive = rollout(policy_for(run, adaptive=True), env, task_set, episodes, seed)
+    fixed = rollout(policy_for(run, adaptive=False), env, task_set, episodes, seed)
+    spec = run.family.spec
+    rand = rollout(RandomPolicy(spec.act_dim, np.random.default_rng(seed)), env, task_set, 1, seed)
+    oracle_return = _oracle_return(run, oracle_run, task_set, seed)
+    random_return = float(rand.returns_TE.mean())
+    return EvalReport(
+        env=env,
+        split=str(split),
+        tasks=n,
+        episodes=episodes,
+        return_by_episode=adaptive.by_episode,
+        normalized_by_episode=normalize(adaptive.by_episode, random_return, oracle_return),
+        nonadaptive_return_by_episode=fixed.by_episode,
+        nonadaptive_normalized_by_episode=normalize(fixed.by_episode, random_return, oracle_return),
+        oracle_return=oracle_return,
+        random_return=random_return,
+        source=str(run_dir),
+    )
+
+
+def policy_for(run: LoadedRun, adaptive: bool = True) -> PearlPolicy:
+    """Deterministic deployment policy (z = posterior mean) of a loaded run."""
+    cfg, spec = run.config, run.family.spec
+    cls = OraclePolicy if cfg.pearl.oracle else PearlPolicy
+    return cls(
+        run.nets,
+        spec,
+        policy_latent_dim(cfg, spec),
+        cfg.model.prior_var,
+        cfg.pearl.forget,
+        stochastic=False,
+        z_mode="mean",
+        adaptive=adaptive,
+    )
+
+
+def oracle_return_on(oracle_dir: str | Path, env: str, tasks_TK: np.ndarray, seed: int) -> float:
+    """Mean return per episode of the privileged oracle on exactly these tasks."""
+    oracle = load_run(oracle_dir)
+    if not oracle.config.pearl.oracle:
+        raise CheckpointError(f"{oracle_dir}: not an oracle run (pearl.oracle is false)")
+    if oracle.config.env.name != env:
+        raise CheckpointError(
+            f"{oracle_dir}: oracle was trained on {oracle.config.env.name!r}, not {env!r}"
+        )
+    return float(rollout(policy_for(oracle), env, tasks_TK, 1, seed).returns_TE.mean())
+
+
+def _oracle_return(
+    run: LoadedRun, oracle_run: str | Path | None, tasks_TK: np.ndarray, seed: int
+) -> float | None:
+    cfg = run.config
+    if cfg.pearl.oracle:
+        return float(rollout(policy_for(run), cfg.env.name, tasks_TK, 1, seed).returns_TE.mean())
+    path = oracle_run or cfg.eval.oracle_run
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = run.run_dir.parent / path.name  # runs moved together: look beside this run
+    return oracle_return_on(path, cfg.env.name, tasks_TK, seed)

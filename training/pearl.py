@@ -1,0 +1,359 @@
+"""PEARL meta-training (SAC + probabilistic context encoder), readable top to bottom.
+
+One iteration: pick train tasks, collect episodes with z from the prior (exploration) and with
+the belief updated online (adaptation data), then run gradient updates on meta-batches of
+tasks: context -> posterior -> z -> critic (trains the encoder) / actor (z detached). The
+privileged oracle (``pearl.oracle``) is the same loop with z = normalized true task vector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.evaluation import held_out_tasks, rollout
+from runtime.tasks import Split, TaskFamily, make_family
+from runtime.transition import transition_dim
+from training.agent import PearlNetworks, build_networks, normalize_task, policy_latent_dim
+from training.buffer import MultiTaskReplay
+from training.checkpoint import (
+    LATEST,
+    checkpoint_dir,
+    read_checkpoint,
+    save_checkpoint,
+    write_run_config,
+)
+from training.collect import collect_episodes
+from training.config import TrainConfig
+from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
+from training.policy import OraclePolicy, PearlPolicy
+
+log = logging.getLogger(__name__)
+
+BUFFER_FILE = "buffer.npz"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (what a checkpoint restores)."""
+
+    cfg: TrainConfig
+    nets: PearlNetworks
+    optimizers: dict[str, torch.optim.Optimizer]
+    buffer: MultiTaskReplay
+    train_tasks: np.ndarray
+    rng: np.random.Generator
+    gen: torch.Generator
+    iteration: int = 0
+    env_steps: int = 0
+    updates: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(
+    cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True
+) -> TrainState:
+    """Meta-train and write the run directory; returns the final state."""
+    torch.set_num_threads(cfg.train.num_threads)
+    state = init_state(cfg)
+    if resume:
+        restore(state, run_dir)
+    else:
+        write_run_config(run_dir, cfg)
+    env = make_family(cfg.env.name, cfg.train.tasks_per_iter)
+    if state.iteration == 0 and cfg.train.initial_episodes:
+        collect_initial(state)
+    bar = _progress(cfg, state, progress)
+    start = time.perf_counter()
+    steps_at_start = state.env_steps
+    while state.iteration < cfg.train.iterations:
+        ids = state.rng.choice(len(state.train_tasks), cfg.train.tasks_per_iter, replace=False)
+        train_return = collect_iteration(state, env, ids)
+        stats = [update(state) for _ in range(cfg.train.updates_per_iter)]
+        state.iteration += 1
+        row = metrics_row(state, stats, train_return, time.perf_counter() - start, steps_at_start)
+        if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
+            row.update(quick_eval(state))
+        append_metrics(run_dir, row)
+        state.history.append(row)
+        if state.iteration % cfg.train.checkpoint_every == 0:
+            checkpoint(state, run_dir)
+        _advance(bar, row)
+    checkpoint(state, run_dir)
+    if bar is not None:
+        bar.close()
+    return state
+
+
+# -- setup --------------------------------------------------------------------------------
+def init_state(cfg: TrainConfig) -> TrainState:
+    """Seed every RNG, sample the train tasks, build networks, optimizers and buffers."""
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    family = make_family(cfg.env.name, 1)
+    spec = family.spec
+    train_tasks = train_task_set(family, cfg, rng)
+    nets = build_networks(cfg, spec)
+    critic_params = list(nets.critic.parameters())
+    if nets.encoder is not None:
+        critic_params += list(nets.encoder.parameters())
+    optimizers = {
+        "actor": torch.optim.Adam(nets.actor.parameters(), lr=cfg.sac.lr_actor),
+        "critic": torch.optim.Adam(critic_params, lr=cfg.sac.lr_critic),
+    }
+    if cfg.sac.alpha == "auto":
+        optimizers["alpha"] = torch.optim.Adam([nets.log_alpha], lr=cfg.sac.lr_alpha)
+    buffer = MultiTaskReplay(len(train_tasks), cfg.train.buffer_size, spec.obs_dim, spec.act_dim)
+    return TrainState(cfg, nets, optimizers, buffer, train_tasks, rng, gen)
+
+
+def train_task_set(family: TaskFamily, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """The fixed set of meta-train tasks: the whole finite train pool, or ``num_train_tasks``."""
+    pool = getattr(family, "task_pool", None)
+    if pool is not None and cfg.env.num_train_tasks == 0:
+        return pool(Split.TRAIN)
+    n = cfg.env.num_train_tasks or 100
+    return family.sample_tasks(Split.TRAIN, n, rng)
+
+
+def make_policy(state: TrainState, **kwargs: Any) -> PearlPolicy:
+    cfg = state.cfg
+    spec = make_family(cfg.env.name, 1).spec
+    cls = OraclePolicy if cfg.pearl.oracle else PearlPolicy
+    return cls(
+        state.nets,
+        spec,
+        policy_latent_dim(cfg, spec),
+        cfg.model.prior_var,
+        cfg.pearl.forget,
+        generator=state.gen,
+        **kwargs,
+    )
+
+
+# -- collection ---------------------------------------------------------------------------
+def collect_initial(state: TrainState) -> None:
+    """Prior-latent episodes on every train task so each buffer has data before updates."""
+    n = len(state.train_tasks)
+    env = make_family(state.cfg.env.name, n)
+    policy = make_policy(state, stochastic=True, z_mode="sample", adaptive=False)
+    ids = np.arange(n)
+    collect_episodes(
+        policy,
+        env,
+        state.train_tasks,
+        ids,
+        state.buffer,
+        state.cfg.train.initial_episodes,
+        state.rng,
+    )
+    state.env_steps += n * state.cfg.train.initial_episodes * env.spec.horizon
+
+
+def collect_iteration(state: TrainState, env: TaskFamily, ids: np.ndarray) -> float:
+    """Prior-z exploration episodes, then online-belief episodes; returns the latter's mean."""
+    cfg = state.cfg.train
+    tasks = state.train_tasks[ids]
+    ret = float("nan")
+    if cfg.episodes_prior:
+        prior = make_policy(state, stochastic=True, z_mode="sample", adaptive=False)
+        collect_episodes(prior, env, tasks, ids, state.buffer, cfg.episodes_prior, state.rng)
+    if cfg.episodes_posterior:
+        online = make_policy(state, stochastic=True, z_mode="mean", adaptive=True)
+        rets = collect_episodes(
+            online, env, tasks, ids, state.buffer, cfg.episodes_posterior, state.rng
+        )
+        ret = float(rets.mean())
+    state.env_steps += len(ids) * (cfg.episodes_prior + cfg.episodes_posterior) * env.spec.horizon
+    return ret
+
+
+# -- updates ------------------------------------------------------------------------------
+def sample_batch(state: TrainState) -> TorchBatch:
+    """A meta-batch: transitions for the RL losses and a variable-size context per task."""
+    cfg = state.cfg
+    spec_env = make_family(cfg.env.name, 1).spec
+    m = min(cfg.pearl.meta_batch, len(state.train_tasks))
+    ids = state.rng.choice(len(state.train_tasks), m, replace=False)
+    rl = state.buffer.sample(ids, cfg.sac.batch_size, state.rng)
+    flat = [torch.from_numpy(x.reshape(m * cfg.sac.batch_size, -1)) for x in rl]
+    context = mask = task_z = None
+    if cfg.pearl.oracle:
+        task_z = torch.from_numpy(normalize_task(state.train_tasks[ids], spec_env))
+    else:
+        c = cfg.pearl.context_size
+        ctx = state.buffer.sample(ids, c, state.rng)
+        context = torch.from_numpy(
+            np.concatenate(
+                [ctx.obs, ctx.action, ctx.reward[..., None], ctx.next_obs], axis=-1
+            ).astype(np.float32)
+        )
+        assert context.shape[-1] == transition_dim(spec_env.obs_dim, spec_env.act_dim)
+        # Variable context sizes: on a device the belief starts from 1 transition, not C.
+        sizes = state.rng.integers(1, c + 1, size=m)
+        mask = torch.from_numpy((np.arange(c)[None, :] < sizes[:, None]).astype(np.float32))
+    return TorchBatch(
+        obs=flat[0],
+        action=flat[1],
+        reward=flat[2].squeeze(-1),
+        next_obs=flat[3],
+        done=flat[4].squeeze(-1),
+        context=context,
+        context_mask=mask,
+        task_z=task_z,
+        per_task=cfg.sac.batch_size,
+    )
+
+
+def update(state: TrainState) -> dict[str, float]:
+    """One gradient step on critic+encoder, actor and temperature; Polyak-update targets."""
+    cfg, nets, opt = state.cfg, state.nets, state.optimizers
+    batch = sample_batch(state)
+    spec = make_family(cfg.env.name, 1).spec
+    target_entropy = (
+        cfg.sac.target_entropy if cfg.sac.target_entropy is not None else -float(spec.act_dim)
+    )
+    crit = critic_losses(
+        nets,
+        batch,
+        gamma=cfg.sac.gamma,
+        reward_scale=cfg.sac.reward_scale,
+        kl_weight=cfg.pearl.kl_weight,
+        prior_var=cfg.model.prior_var,
+        generator=state.gen,
+    )
+    opt["critic"].zero_grad(set_to_none=True)
+    crit.loss_critic.backward()
+    opt["critic"].step()
+
+    act = actor_losses(
+        nets, batch.obs, crit.z_det, target_entropy=target_entropy, generator=state.gen
+    )
+    opt["actor"].zero_grad(set_to_none=True)
+    act.loss_actor.backward()
+    opt["actor"].step()
+    if "alpha" in opt:
+        opt["alpha"].zero_grad(set_to_none=True)
+        act.loss_alpha.backward()
+        opt["alpha"].step()
+    soft_update(nets.critic_target, nets.critic, cfg.sac.tau)
+    state.updates += 1
+    return {
+        "loss_critic": float(crit.loss_critic.detach()),
+        "loss_actor": float(act.loss_actor.detach()),
+        "loss_kl": float(crit.loss_kl),
+        "q_mean": float(crit.q_mean),
+        "entropy": float(act.entropy),
+    }
+
+
+# -- evaluation, metrics, checkpoints ---------------------------------------------------------
+def quick_eval(state: TrainState) -> dict[str, float]:
+    """Deterministic online-adaptation returns on the test split (2 episodes per task)."""
+    cfg = state.cfg
+    family = make_family(cfg.env.name, 1)
+    tasks = held_out_tasks(family, Split.TEST, cfg.eval.tasks, seed=cfg.seed + 1)
+    policy = make_policy(state, stochastic=False, z_mode="mean", adaptive=True)
+    res = rollout(policy, cfg.env.name, tasks, episodes=2, seed=cfg.seed + 2)
+    ep = res.by_episode
+    return {"eval_return_ep1": ep[0], "eval_return_ep2": ep[1]}
+
+
+def metrics_row(
+    state: TrainState,
+    stats: list[dict[str, float]],
+    train_return: float,
+    elapsed: float,
+    steps_at_start: int,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "iteration": state.iteration,
+        "env_steps": state.env_steps,
+        "updates": state.updates,
+        "train_return": train_return,
+        "alpha": float(state.nets.log_alpha.detach().exp()),
+        "wall_s": round(elapsed, 3),
+        "env_steps_per_s": (state.env_steps - steps_at_start) / max(elapsed, 1e-9),
+    }
+    for key in stats[0]:
+        row[key] = float(np.mean([s[key] for s in stats]))
+    return row
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def checkpoint(state: TrainState, run_dir: Path) -> None:
+    """Save networks, optimizers, counters and RNG states; the replay buffer goes beside it."""
+    extra = {
+        "iteration": state.iteration,
+        "env_steps": state.env_steps,
+        "updates": state.updates,
+        "optim": {k: o.state_dict() for k, o in state.optimizers.items()},
+        "rng_numpy": json.dumps(state.rng.bit_generator.state),
+        "rng_torch": state.gen.get_state(),
+        "train_tasks": torch.from_numpy(state.train_tasks.copy()),
+    }
+    save_checkpoint(run_dir, state.nets, extra)
+    tmp = checkpoint_dir(run_dir) / "buffer.tmp.npz"
+    np.savez(tmp, **state.buffer.state_dict())
+    tmp.replace(checkpoint_dir(run_dir) / BUFFER_FILE)
+
+
+def restore(state: TrainState, run_dir: Path) -> None:
+    """Continue a run from its latest checkpoint (networks, optimizers, RNGs, buffer)."""
+    data = read_checkpoint(checkpoint_dir(run_dir) / LATEST)
+    for name, module in state.nets.modules().items():
+        module.load_state_dict(data["nets"][name])
+    state.nets.log_alpha.data.copy_(data["log_alpha"])
+    for k, o in state.optimizers.items():
+        o.load_state_dict(data["optim"][k])
+    state.iteration = int(data["iteration"])
+    state.env_steps = int(data["env_steps"])
+    state.updates = int(data["updates"])
+    state.rng.bit_generator.state = json.loads(data["rng_numpy"])
+    state.gen.set_state(data["rng_torch"])
+    state.train_tasks = data["train_tasks"].numpy()
+    with np.load(checkpoint_dir(run_dir) / BUFFER_FILE, allow_pickle=False) as buf:
+        state.buffer.load_state_dict(dict(buf))
+    log.info("resumed %s at iteration %d", run_dir, state.iteration)
+
+
+def _progress(cfg: TrainConfig, state: TrainState, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.train.iterations,
+        initial=state.iteration,
+        desc=f"train {cfg.env.name}{' (oracle)' if cfg.pearl.oracle else ''}",
+        unit="it",
+        dynamic_ncols=True,
+    )
+
+
+def _advance(bar, row: dict[str, Any]) -> None:
+    if bar is None:
+        return
+    post = {
+        "steps/s": f"{row['env_steps_per_s']:.0f}",
+        "ret": f"{row['train_return']:.2f}",
+        "Lq": f"{row['loss_critic']:.3f}",
+        "Lpi": f"{row['loss_actor']:.3f}",
+    }
+    if "eval_return_ep1" in row:
+        post["eval1"] = f"{row['eval_return_ep1']:.2f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
