@@ -10,7 +10,8 @@ import pytest
 PROBES = [
     "import runtime, devices",
     "import runtime.cli; runtime.cli.build_parser()",
-    "import runtime.posterior, runtime.evaluation, runtime.tasks; runtime.tasks.make_family('point-nav')",
+    "import runtime.posterior, runtime.evaluation, runtime.tasks\n"
+    "runtime.tasks.make_family('point-nav')",
 ]
 
 
