@@ -1,0 +1,162 @@
+"""The flashing health gate: load a staged bundle in a child process and prove it works.
+
+The child (``python -m devices.health BUNDLE --profile PROFILE``) loads the bundle with the
+device's execution providers, runs the manifest's test vectors (``Agent.self_test``), measures
+the median step latency and its own peak memory, checks them against the device profile and
+prints one JSON line. The parent (:func:`run_health_gate`) enforces a timeout and turns any crash,
+hang or malformed answer into a failed :class:`HealthSummary`: a bundle that segfaults
+onnxruntime, hangs, or misses the budget never becomes active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from devices.profiles import check_budget, load_profile
+from devices.slots import HealthSummary
+
+log = logging.getLogger(__name__)
+
+#: Last line of stdout the child prints, prefixed so that stray library output cannot pass for
+#: a result.
+RESULT_PREFIX = "EDGEADAPT-HEALTH "
+
+
+def run_health_gate(
+    bundle_dir: Path,
+    profile_path: Path,
+    pubkey: Path | None,
+    timeout_s: float,
+    on_started: Callable[[], None] | None = None,
+) -> HealthSummary:
+    """Run the gate in a child process; never raises for a failing bundle.
+
+    ``timeout_s`` bounds the whole child (s); ``on_started`` is called once the child runs
+    (a test hook for crash injection).
+    """
+    cmd = [sys.executable, "-m", "devices.health", str(bundle_dir), "--profile", str(profile_path)]
+    cmd += ["--parent-pid", str(os.getpid())]
+    if pubkey is not None:
+        cmd += ["--pubkey", str(pubkey)]
+    start = time.perf_counter()
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env()
+    ) as child:
+        if on_started is not None:
+            on_started()
+        try:
+            out, err = child.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            return _failed(f"health gate timed out after {timeout_s:g} s", start)
+    return _parse_result(child.returncode, out, err, start)
+
+
+def check_bundle(bundle_dir: Path, profile_path: Path, pubkey: Path | None) -> HealthSummary:
+    """The gate itself, in this process: load, self-test, latency and memory budgets."""
+    from runtime.agent import Agent
+
+    start = time.perf_counter()
+    profile = load_profile(profile_path)
+    agent = Agent.load(
+        bundle_dir,
+        pubkey=pubkey,
+        require_signature=pubkey is not None,
+        providers=list(profile.execution_providers),
+    )
+    report = agent.self_test()
+    rss_mb = peak_rss_mb()
+    reasons = list(report.reasons)
+    if not report.passed and not reasons:
+        reasons.append("self-test failed")
+    reasons += check_budget(profile, step_us=report.step_us_median, rss_mb=rss_mb)
+    return HealthSummary(
+        passed=report.passed and not reasons,
+        max_abs_err=report.max_abs_err,
+        step_us_median=report.step_us_median,
+        rss_mb=rss_mb,
+        duration_s=time.perf_counter() - start,
+        reasons=reasons,
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
+
+
+# -- child process ---------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child: print one ``RESULT_PREFIX`` JSON line, exit 0 if passed."""
+    parser = argparse.ArgumentParser(prog="python -m devices.health")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--profile", type=Path, required=True)
+    parser.add_argument("--pubkey", type=Path, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    try:
+        summary = check_bundle(args.bundle, args.profile, args.pubkey)
+    except Exception as exc:  # any load or run error is a failed gate, reported as such
+        summary = HealthSummary(passed=False, reasons=[f"{type(exc).__name__}: {exc}"])
+    print(RESULT_PREFIX + summary.model_dump_json(), flush=True)
+    return 0 if summary.passed else 1
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this child when the flashing process dies (no orphan gates)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(3)  # the parent died before prctl took effect
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per library: the gate measures single-sample latency as the runner sees it.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _parse_result(returncode: int, out: str, err: str, start: float) -> HealthSummary:
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            try:
+                return HealthSummary.model_validate_json(line[len(RESULT_PREFIX) :])
+            except ValueError:
+                break
+    tail = (err.strip().splitlines() or ["no output"])[-1]
+    if returncode < 0:
+        return _failed(f"health gate child killed by signal {-returncode} ({tail})", start)
+    return _failed(f"health gate child exited {returncode} without a result ({tail})", start)
+
+
+def _failed(reason: str, start: float) -> HealthSummary:
+    log.warning("health gate failed: %s", reason)
+    return HealthSummary(passed=False, duration_s=time.perf_counter() - start, reasons=[reason])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
