@@ -18,6 +18,7 @@ import yaml
 
 from runtime.configio import validate
 from runtime.errors import CheckpointError
+from runtime.plugins import import_plugins
 from runtime.tasks import TaskFamily, make_family
 from training.agent import PearlNetworks, build_networks
 from training.config import TrainConfig
@@ -100,6 +101,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     """Rebuild a run's networks from its latest (or the named) checkpoint."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    import_plugins(cfg.env.plugins)
     family = make_family(cfg.env.name, 1)
     state = read_checkpoint(Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST)
     nets = build_networks(cfg, family.spec)

@@ -30,6 +30,17 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_evaluate)
 
+    p = bench.add_parser(
+        "training", help="train oracle + PEARL from a config, then meta-test (quality + wall time)"
+    )
+    p.add_argument("config", help="PEARL config, e.g. configs/pearl/point-nav.yaml")
+    p.add_argument("--oracle-config", help="oracle config (default: <config>-oracle.yaml)")
+    p.add_argument("--out", default="runs/bench", help="parent directory of the two runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--splits", default="test,ood", help="comma-separated splits to evaluate")
+    p.add_argument("--json", action="store_true", help="JSON only (no progress bars)")
+    p.set_defaults(handler=cmd_bench_training)
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from runtime.errors import ConfigError
@@ -55,10 +66,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(cfg, run_dir: Path, args: argparse.Namespace) -> int:
     import time
 
+    from runtime.plugins import import_plugins
     from runtime.tasks import make_family
     from training.pearl import train
     from training.plots import plot_learning_curve
 
+    import_plugins(cfg.env.plugins)
     make_family(cfg.env.name)  # unknown env fails before any work
     start = time.perf_counter()
     state = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -129,3 +142,36 @@ def format_report(r: dict) -> str:
             f"  random return {r['random_return']:.3f}   oracle return {oracle}",
         ]
     )
+
+
+def cmd_bench_training(args: argparse.Namespace) -> int:
+    """Train the oracle and the PEARL policy, evaluate both splits, print one JSON object."""
+    import shutil
+    import time
+
+    from training.config import load_train_config
+    from training.evaluate import evaluate_run
+    from training.pearl import train
+
+    config = Path(args.config)
+    oracle_config = Path(args.oracle_config or config.with_name(config.stem + "-oracle.yaml"))
+    out = Path(args.out)
+    result: dict = {"config": str(config)}
+    for role, path in (("oracle", oracle_config), ("pearl", config)):
+        run_dir = out / f"{config.stem}-{role}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        overrides = list(args.set)
+        if role == "pearl":
+            overrides.append(f"eval.oracle_run={out / (config.stem + '-oracle')}")
+        cfg = load_train_config(path, overrides)
+        start = time.perf_counter()
+        state = train(cfg, run_dir, progress=not args.json)
+        result[f"{role}_train_wall_s"] = round(time.perf_counter() - start, 1)
+        result[f"{role}_env_steps"] = state.env_steps
+        result[f"{role}_updates"] = state.updates
+    result["env"] = cfg.env.name
+    for split in args.splits.split(","):
+        report = evaluate_run(out / f"{config.stem}-pearl", split)
+        result[split] = report.to_dict()
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0

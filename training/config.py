@@ -20,6 +20,9 @@ class _Section(BaseModel):
 
 class EnvConfig(_Section):
     name: str = Field("point-nav", description="task family name (see `edgeadapt envs`)")
+    plugins: tuple[str, ...] = Field(
+        (), description="modules imported first; they call runtime.tasks.register_family"
+    )
     num_train_tasks: int = Field(
         0, ge=0, description="distinct train tasks to meta-train on; 0 = every task of the split"
     )
