@@ -10,10 +10,15 @@ from runtime.tasks.base import TaskFamily
 FamilyFactory = Callable[[int], TaskFamily]
 
 _REGISTRY: dict[str, FamilyFactory] = {}
+_BUILTINS_LOADED = False
 
 
 def register_family(name: str, factory: FamilyFactory, *, overwrite: bool = False) -> None:
-    """Register ``factory(num_envs) -> TaskFamily`` under ``name``."""
+    """Register ``factory(num_envs) -> TaskFamily`` under ``name``.
+
+    A built-in name (point-nav, drone-wind, ...) counts as taken unless ``overwrite``.
+    """
+    _ensure_builtins()
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"task family {name!r} is already registered")
     _REGISTRY[name] = factory
@@ -38,9 +43,20 @@ def available_families() -> list[str]:
 
 
 def _ensure_builtins() -> None:
-    if "point-nav" in _REGISTRY:
+    """Register the built-in families once (lazily, so importing the registry stays cheap)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
         return
+    from runtime.tasks.car_friction import CarFriction
+    from runtime.tasks.drone_wind import DroneWind
     from runtime.tasks.point_nav import PointNav, PointNavSparse
 
-    register_family("point-nav", PointNav)
-    register_family("point-nav-sparse", PointNavSparse)
+    builtins: dict[str, FamilyFactory] = {
+        "point-nav": PointNav,
+        "point-nav-sparse": PointNavSparse,
+        "drone-wind": DroneWind,
+        "car-friction": CarFriction,
+    }
+    for name, factory in builtins.items():
+        _REGISTRY.setdefault(name, factory)
+    _BUILTINS_LOADED = True
