@@ -1,0 +1,93 @@
+"""``edgeadapt envs`` (list the task families) and ``edgeadapt bench envs`` (their throughput).
+
+Top-level imports are argparse/stdlib only; numpy and the families load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add ``envs`` and ``bench envs``."""
+    envs = sub.add_parser("envs", help="list the task families (dims, splits)")
+    envs.add_argument("--json", action="store_true", help="print one JSON object")
+    envs.set_defaults(handler=_envs)
+
+    b = bench.add_parser("envs", help="vectorized env-steps/s of every task family")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--batch", type=_positive, default=256, help="environments per batch")
+    b.add_argument("--steps", type=_positive, default=500, help="batched steps per repeat")
+    b.add_argument("--repeats", type=_positive, default=5, help="timed repeats (median)")
+    b.add_argument(
+        "--split", choices=("train", "test", "ood"), default="train", help="task split to run"
+    )
+    b.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
+    b.set_defaults(handler=_bench_envs)
+
+
+def _envs(args: argparse.Namespace) -> int:
+    from runtime.tasks.registry import available_families, make_family
+
+    rows = [_describe(make_family(name, 1).spec) for name in available_families()]
+    if args.json:
+        print(json.dumps({"families": rows}, indent=2))
+        return 0
+    for row in rows:
+        dt = f", dt {row['dt']} s" if row["dt"] else ""
+        print(f"{row['name']}: {row['description']}")
+        print(
+            f"  obs {row['obs_dim']}, act {row['act_dim']}, task {row['task_dim']} "
+            f"({', '.join(row['task_names'])}), horizon {row['horizon']}{dt}"
+        )
+        for split, text in row["splits"].items():
+            print(f"  {split}: {text}")
+    return 0
+
+
+def _bench_envs(args: argparse.Namespace) -> int:
+    from runtime.errors import UnknownNameError
+    from runtime.tasks.benchmark import bench_family
+    from runtime.tasks.registry import available_families
+
+    names = args.family or available_families()
+    unknown = [n for n in names if n not in available_families()]
+    if unknown:
+        raise UnknownNameError(
+            f"unknown env {unknown[0]!r}; available: {', '.join(available_families())}"
+        )
+    results = [bench_family(n, args.batch, args.steps, args.repeats, args.split) for n in names]
+    if args.json:
+        print(json.dumps({"families": {r.env: r.to_dict() for r in results}}, indent=2))
+        return 0
+    for r in results:
+        print(f"{r.env:20s} {r.env_steps_per_s:12,.0f} env-steps/s (batch {r.batch}, median)")
+    return 0
+
+
+def _describe(spec) -> dict:
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "obs_dim": spec.obs_dim,
+        "act_dim": spec.act_dim,
+        "task_dim": spec.task_dim,
+        "task_names": list(spec.task_names),
+        "horizon": spec.horizon,
+        "dt": spec.dt,
+        "obs_low": [float(x) for x in spec.obs_low],
+        "obs_high": [float(x) for x in spec.obs_high],
+        "act_low": [float(x) for x in spec.act_low],
+        "act_high": [float(x) for x in spec.act_high],
+        "task_low": [float(x) for x in spec.task_low],
+        "task_high": [float(x) for x in spec.task_high],
+        "splits": dict(spec.splits),
+    }
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
