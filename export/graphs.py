@@ -1,0 +1,168 @@
+"""Torch modules that become the bundle's ONNX graphs, and their I/O signatures.
+
+Every graph is stateless: the belief goes in and comes out (natural parameters), so the same
+graph serves one agent or a fleet (dynamic batch axis ``batch``).
+
+- ``step``: the fused per-step graph. It absorbs the latest transition into the belief (unless
+  ``valid`` is False or the result would not be finite), scores how surprising the transition
+  was under the belief *before* the update, and returns the deterministic action for ``obs``
+  under the updated posterior mean, both normalized and scaled to the action bounds.
+- ``encoder``: transition -> Gaussian factor (mu, var).
+- ``policy``: (obs, z) -> deterministic action, normalized and scaled.
+
+The arithmetic mirrors :mod:`runtime.posterior` operation by operation so that the fused graph
+and the numpy belief agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.tasks.base import FamilySpec
+from training.networks import ContextEncoder, TanhGaussianActor
+
+BATCH = "batch"
+
+STEP_INPUTS = ("transition", "valid", "precision", "eta", "forget", "obs")
+STEP_OUTPUTS = ("action", "action_norm", "precision_out", "eta_out", "surprise", "updated")
+ENCODER_INPUTS = ("transition",)
+ENCODER_OUTPUTS = ("mu", "var")
+POLICY_INPUTS = ("obs", "z")
+POLICY_OUTPUTS = ("action", "action_norm")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes the graphs are built for."""
+
+    obs: int
+    act: int
+    latent: int
+
+    @property
+    def transition(self) -> int:
+        return 2 * self.obs + self.act + 1
+
+
+def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], str]]:
+    """Name -> (shape with ``"batch"`` for the dynamic axis, dtype) of every I/O of ``graph``."""
+    b = BATCH
+    table: dict[str, tuple[list[int | str], str]] = {
+        "transition": ([b, dims.transition], "float32"),
+        "valid": ([b, 1], "bool"),
+        "precision": ([b, dims.latent], "float32"),
+        "eta": ([b, dims.latent], "float32"),
+        "forget": ([b, 1], "float32"),
+        "obs": ([b, dims.obs], "float32"),
+        "z": ([b, dims.latent], "float32"),
+        "action": ([b, dims.act], "float32"),
+        "action_norm": ([b, dims.act], "float32"),
+        "precision_out": ([b, dims.latent], "float32"),
+        "eta_out": ([b, dims.latent], "float32"),
+        "surprise": ([b], "float32"),
+        "updated": ([b], "bool"),
+        "mu": ([b, dims.latent], "float32"),
+        "var": ([b, dims.latent], "float32"),
+    }
+    names = {
+        "step": STEP_INPUTS + STEP_OUTPUTS,
+        "encoder": ENCODER_INPUTS + ENCODER_OUTPUTS,
+        "policy": POLICY_INPUTS + POLICY_OUTPUTS,
+    }[graph]
+    return {n: table[n] for n in names}
+
+
+class ActionScale(nn.Module):
+    """[-1, 1] -> physical bounds: ``low + (high - low) / 2 * (a + 1)`` (training.agent)."""
+
+    def __init__(self, spec: FamilySpec) -> None:
+        super().__init__()
+        low = torch.as_tensor(spec.act_low, dtype=torch.float32)
+        high = torch.as_tensor(spec.act_high, dtype=torch.float32)
+        self.register_buffer("low", low)
+        self.register_buffer("half_range", (high - low) / 2.0)
+
+    def forward(self, action_BA: torch.Tensor) -> torch.Tensor:
+        return self.low + self.half_range * (action_BA + 1.0)
+
+
+class StepGraph(nn.Module):
+    """Fused step: (transition, valid, precision, eta, forget, obs) -> action and belief'."""
+
+    def __init__(
+        self,
+        encoder: ContextEncoder,
+        actor: TanhGaussianActor,
+        spec: FamilySpec,
+        prior_var: float,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.actor = actor
+        self.scale = ActionScale(spec)
+        self.prior_prec = float(1.0 / prior_var)
+
+    def forward(
+        self,
+        transition: torch.Tensor,
+        valid: torch.Tensor,
+        precision: torch.Tensor,
+        eta: torch.Tensor,
+        forget: torch.Tensor,
+        obs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        mu, var = self.encoder(transition)
+        inv = 1.0 / var
+        new_prec = self.prior_prec + forget * (precision - self.prior_prec) + inv
+        new_eta = forget * eta + mu * inv
+        surprise = ((mu - eta / precision) ** 2 / (1.0 / precision + var)).mean(dim=-1)
+        finite = torch.isfinite(new_prec).all(dim=-1) & torch.isfinite(new_eta).all(dim=-1)
+        ok = valid.squeeze(-1) & finite & (new_prec > 0).all(dim=-1)
+        ok_B1 = ok.unsqueeze(-1)
+        precision_out = torch.where(ok_B1, new_prec, precision)
+        eta_out = torch.where(ok_B1, new_eta, eta)
+        action_norm = self.actor.deterministic(obs, eta_out / precision_out)
+        surprise = torch.where(ok, surprise, torch.zeros_like(surprise))
+        return self.scale(action_norm), action_norm, precision_out, eta_out, surprise, ok
+
+
+class EncoderGraph(nn.Module):
+    """transition -> (mu, var) of the Gaussian factor over the latent."""
+
+    def __init__(self, encoder: ContextEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, transition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(transition)
+
+
+class PolicyGraph(nn.Module):
+    """(obs, z) -> deterministic action (scaled, normalized)."""
+
+    def __init__(self, actor: TanhGaussianActor, spec: FamilySpec) -> None:
+        super().__init__()
+        self.actor = actor
+        self.scale = ActionScale(spec)
+
+    def forward(self, obs: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        action_norm = self.actor.deterministic(obs, z)
+        return self.scale(action_norm), action_norm
+
+
+def example_inputs(graph: str, dims: Dims, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs used to trace ``graph`` (values do not matter, shapes and dtypes do)."""
+    shapes = tensor_shapes(graph, dims)
+    inputs = {"step": STEP_INPUTS, "encoder": ENCODER_INPUTS, "policy": POLICY_INPUTS}[graph]
+    out = []
+    for name in inputs:
+        shape, dtype = shapes[name]
+        concrete = [batch if s == BATCH else int(s) for s in shape]
+        if dtype == "bool":
+            out.append(torch.ones(concrete, dtype=torch.bool))
+        else:
+            out.append(torch.ones(concrete, dtype=torch.float32))
+    return tuple(out)

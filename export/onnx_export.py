@@ -1,0 +1,95 @@
+"""Write the bundle's graphs as ONNX (opset >= 17, dynamic batch axis) and check them.
+
+The legacy TorchScript exporter (``dynamo=False``) is used: for these MLPs it reproduces torch
+to float32 rounding, while the dynamo exporter has had correctness pitfalls (REFERENCE.md) and
+is slower to run. Parity is tested, not assumed (``edgeadapt verify --run``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from export.graphs import (
+    BATCH,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    POLICY_INPUTS,
+    POLICY_OUTPUTS,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    Dims,
+    example_inputs,
+    tensor_shapes,
+)
+from runtime.bundle import GraphSpec, TensorSpec
+
+DEFAULT_OPSET = 17
+IO_NAMES = {
+    "step": (STEP_INPUTS, STEP_OUTPUTS),
+    "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
+    "policy": (POLICY_INPUTS, POLICY_OUTPUTS),
+}
+
+
+def export_graph(
+    module: nn.Module, graph: str, dims: Dims, path: Path, opset: int = DEFAULT_OPSET
+) -> GraphSpec:
+    """Export ``module`` as graph ``graph`` ("step", "encoder" or "policy") to ``path``."""
+    inputs, outputs = IO_NAMES[graph]
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            module,
+            example_inputs(graph, dims),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes={name: {0: BATCH} for name in inputs + outputs},
+            do_constant_folding=True,
+        )
+    check_graph(path)
+    return graph_spec(graph, dims, path.name)
+
+
+def check_graph(path: Path) -> None:
+    """ONNX checker with full shape inference; raises on an invalid model."""
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def graph_spec(graph: str, dims: Dims, file: str, precision: str = "fp32") -> GraphSpec:
+    """The manifest entry for ``graph`` stored in ``file``."""
+    inputs, outputs = IO_NAMES["step" if graph.startswith("step") else graph]
+    shapes = tensor_shapes("step" if graph.startswith("step") else graph, dims)
+
+    def specs(names: tuple[str, ...]) -> list[TensorSpec]:
+        return [TensorSpec(name=n, shape=shapes[n][0], dtype=shapes[n][1]) for n in names]
+
+    return GraphSpec(
+        file=file,
+        inputs=specs(inputs),
+        outputs=specs(outputs),
+        precision=precision,
+        description=DESCRIPTIONS.get(graph, ""),
+    )
+
+
+def graph_opset(path: Path) -> int:
+    """The default-domain opset a model file declares."""
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+DESCRIPTIONS = {
+    "step": "fused step: absorb transition into belief (natural params), surprise, action for obs",
+    "step_int8": "fused step, weights INT8 (onnxruntime dynamic quantization)",
+    "encoder": "transition -> Gaussian factor (mu, var) over the latent",
+    "policy": "(obs, z) -> deterministic action (scaled, normalized)",
+}

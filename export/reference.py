@@ -1,0 +1,90 @@
+"""The torch reference of each graph, and step-graph inputs for parity and test vectors.
+
+Random inputs cover what a device can meet: observations over the family's bounds, actions in
+[-1, 1], rewards over a wide range, beliefs from the prior to very confident (precision up to
+1e4 per dimension), forgetting factors in [0.5, 1] and a share of skipped (``valid`` False)
+transitions. Recorded inputs come from the runtime itself during rollouts (see
+:mod:`export.calibrate`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from export.graphs import STEP_OUTPUTS, Dims, EncoderGraph, PolicyGraph, StepGraph
+from runtime.errors import CheckpointError
+from runtime.tasks.base import FamilySpec
+from training.checkpoint import LoadedRun
+
+
+def dims_of(run: LoadedRun) -> Dims:
+    """Graph sizes of a loaded run."""
+    spec = run.family.spec
+    return Dims(spec.obs_dim, spec.act_dim, run.config.model.latent_dim)
+
+
+def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
+    """Torch modules of the three graphs, sharing the run's networks (eval mode)."""
+    if run.config.pearl.oracle or run.nets.encoder is None:
+        raise CheckpointError(
+            f"{run.run_dir}: oracle runs cannot be exported: the oracle's policy reads the true "
+            "task vector, which a deployed device does not have"
+        )
+    spec = run.family.spec
+    mods: dict[str, torch.nn.Module] = {
+        "step": StepGraph(run.nets.encoder, run.nets.actor, spec, run.config.model.prior_var),
+        "encoder": EncoderGraph(run.nets.encoder),
+        "policy": PolicyGraph(run.nets.actor, spec),
+    }
+    return {k: m.eval() for k, m in mods.items()}
+
+
+@torch.no_grad()
+def torch_step(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the torch step graph on numpy inputs (any batch size), outputs by name."""
+    args = [
+        torch.from_numpy(np.ascontiguousarray(inputs[n]))
+        for n in ("transition", "valid", "precision", "eta", "forget", "obs")
+    ]
+    outs = module(*args)
+    return {name: t.numpy() for name, t in zip(STEP_OUTPUTS, outs, strict=True)}
+
+
+def random_step_inputs(
+    dims: Dims, spec: FamilySpec, n: int, rng: np.random.Generator, prior_var: float = 1.0
+) -> dict[str, np.ndarray]:
+    """``n`` random rows of step-graph inputs (float32/bool, deterministic in ``rng``)."""
+    low, high = _finite_bounds(spec)
+    obs = rng.uniform(low, high, size=(n, dims.obs))
+    nxt = np.clip(obs + rng.normal(0.0, 0.1, size=obs.shape) * (high - low), low, high)
+    act = rng.uniform(-1.0, 1.0, size=(n, dims.act))
+    reward = rng.normal(0.0, 2.0, size=(n, 1))
+    transition = np.concatenate([obs, act, reward, nxt], axis=1)
+    precision = 1.0 / prior_var + np.exp(rng.uniform(np.log(1e-3), np.log(1e4), (n, dims.latent)))
+    eta = rng.normal(0.0, 1.5, size=(n, dims.latent)) * precision
+    forget = np.where(rng.random((n, 1)) < 0.5, 1.0, rng.uniform(0.5, 1.0, (n, 1)))
+    return {
+        "transition": transition.astype(np.float32),
+        "valid": rng.random((n, 1)) < 0.9,
+        "precision": precision.astype(np.float32),
+        "eta": eta.astype(np.float32),
+        "forget": forget.astype(np.float32),
+        "obs": rng.uniform(low, high, size=(n, dims.obs)).astype(np.float32),
+    }
+
+
+def concat_inputs(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Row-wise concatenation of several input dicts with the same keys."""
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+def take_rows(inputs: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows ``idx`` of every input."""
+    return {k: v[idx] for k, v in inputs.items()}
+
+
+def _finite_bounds(spec: FamilySpec) -> tuple[np.ndarray, np.ndarray]:
+    low = np.where(np.isfinite(spec.obs_low), spec.obs_low, -10.0)
+    high = np.where(np.isfinite(spec.obs_high), spec.obs_high, 10.0)
+    return low, high

@@ -1,0 +1,202 @@
+"""``edgeadapt verify``: everything that can be checked about a bundle, as one report.
+
+- hashes of every file and the Ed25519 signature (runtime.bundle),
+- the ONNX checker on every graph (when the ``onnx`` package is installed),
+- the bundle's test vectors through onnxruntime (every step-graph variant),
+- with ``--run RUN_DIR``: torch-vs-onnxruntime parity of every float32 graph on >= 10k random
+  inputs plus inputs recorded from the runtime's own rollouts on train and test tasks.
+
+Errors are compared as ``|ort - torch| / max(1, |torch|)`` (absolute for values up to 1, such as
+actions and latent means; relative for precisions that grow to 1e5); the target is 1e-5.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import Manifest, verify_bundle
+from runtime.providers import CPU
+from runtime.selftest import DEFAULT_TOLERANCE, compare_outputs, load_test_vectors, max_rel_err
+from runtime.session import GraphSession
+
+log = logging.getLogger(__name__)
+
+PARITY_TARGET = 1e-5
+RANDOM_ROWS = 10_000
+PARITY_SEED = 99
+
+
+@dataclass
+class VerifyResult:
+    """What ``edgeadapt verify --json`` prints; ``ok`` is False when anything failed."""
+
+    bundle: str
+    ok: bool
+    signature: str
+    hashes: str
+    onnx_checker: str = "skipped"
+    test_vectors: dict[str, float] = field(default_factory=dict)
+    parity_max_abs_err: float | None = None
+    parity: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify(
+    bundle_dir: str | Path,
+    pubkey: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    random_rows: int = RANDOM_ROWS,
+) -> VerifyResult:
+    """Run every check; with ``pubkey`` a missing signature is a failure."""
+    bundle_dir = Path(bundle_dir)
+    rep = verify_bundle(bundle_dir, pubkey, require_signature=pubkey is not None)
+    res = VerifyResult(str(bundle_dir), rep.ok, rep.signature, rep.hashes, reasons=rep.reasons)
+    if rep.manifest is None or rep.hashes != "ok":
+        res.ok = False
+        return res  # files cannot be trusted: do not load them
+    manifest = rep.manifest
+    res.onnx_checker = _onnx_checker(bundle_dir, manifest, res.reasons)
+    res.test_vectors = _test_vectors(bundle_dir, manifest, res.reasons)
+    if run_dir is not None:
+        res.parity = parity_check(bundle_dir, manifest, Path(run_dir), random_rows)
+        res.parity_max_abs_err = res.parity["max_abs_err"]
+        if not res.parity_max_abs_err <= PARITY_TARGET:
+            res.reasons.append(
+                f"parity: max error {res.parity_max_abs_err:.3g} > target {PARITY_TARGET:g}"
+            )
+        res.reasons += res.parity.get("problems", [])
+    res.ok = not res.reasons
+    return res
+
+
+def parity_check(
+    bundle_dir: Path, manifest: Manifest, run_dir: Path, random_rows: int = RANDOM_ROWS
+) -> dict[str, Any]:
+    """Torch (the run's checkpoint) vs onnxruntime (the bundle) on random + recorded inputs."""
+    import torch
+
+    from export.calibrate import record_rollouts
+    from export.reference import concat_inputs, dims_of, random_step_inputs, reference_modules
+    from runtime.agent import Agent, AgentConfig
+    from training.checkpoint import load_run
+
+    run = load_run(run_dir)
+    problems = _run_matches(run, manifest)
+    if problems:
+        return {"max_abs_err": float("inf"), "problems": problems}
+    modules = reference_modules(run)
+    dims = dims_of(run)
+    rng = np.random.default_rng(PARITY_SEED)
+    agent = Agent(manifest, bundle_dir, [CPU], AgentConfig(warmup=1))
+    env, eps = run.config.env.name, run.config.eval.episodes
+    recorded = [
+        record_rollouts(agent, env, s, 64, eps, PARITY_SEED).inputs for s in ("train", "test")
+    ]
+    random = random_step_inputs(dims, run.family.spec, random_rows, rng, run.config.model.prior_var)
+    inputs = concat_inputs(random, *recorded)
+    errors: dict[str, float] = {}
+    problems = []
+    with torch.no_grad():
+        for graph in ("step", "encoder", "policy"):
+            graph_errors, graph_problems = _graph_parity(
+                bundle_dir, manifest, graph, modules[graph], inputs
+            )
+            errors |= {f"{graph}.{k}": v for k, v in graph_errors.items()}
+            problems += graph_problems
+    return {
+        "max_abs_err": max(errors.values()),
+        "errors": errors,
+        "random_rows": random_rows,
+        "recorded_rows": int(sum(len(r["transition"]) for r in recorded)),
+        "problems": problems,
+    }
+
+
+def _graph_parity(
+    bundle_dir: Path,
+    manifest: Manifest,
+    graph: str,
+    module: Any,
+    step_inputs: dict[str, np.ndarray],
+) -> tuple[dict[str, float], list[str]]:
+    import torch
+
+    spec = manifest.graph(graph)
+    feeds = _feeds_for(graph, step_inputs)
+    session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])
+    got = session.run_feeds(feeds)
+    ref_t = module(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in spec.inputs))
+    ref = {t.name: r.numpy() for t, r in zip(spec.outputs, ref_t, strict=True)}
+    errors, problems = {}, []
+    for name, want in ref.items():
+        if want.dtype == np.bool_:
+            bad = int((got[name] != want).sum())
+            if bad:
+                problems.append(f"{graph}.{name}: {bad} of {want.size} flags differ from torch")
+        else:
+            errors[name] = max_rel_err(got[name], want)
+    return errors, problems
+
+
+def _feeds_for(graph: str, step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if graph == "step":
+        return step
+    if graph == "encoder":
+        return {"transition": step["transition"]}
+    z = (step["eta"] / step["precision"]).astype(np.float32)
+    return {"obs": step["obs"], "z": z}
+
+
+def _run_matches(run: Any, manifest: Manifest) -> list[str]:
+    cfg = run.config
+    problems = []
+    if cfg.env.name != manifest.env:
+        problems.append(f"run is for env {cfg.env.name!r}, bundle for {manifest.env!r}")
+    if cfg.model.latent_dim != manifest.latent_dim:
+        problems.append(
+            f"run latent_dim {cfg.model.latent_dim} != bundle latent_dim {manifest.latent_dim}"
+        )
+    return problems
+
+
+def _onnx_checker(bundle_dir: Path, manifest: Manifest, reasons: list[str]) -> str:
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        return "skipped (onnx not installed)"
+    for name, spec in manifest.graphs.items():
+        try:
+            model = onnx.load(str(bundle_dir / spec.file))
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:  # the checker raises several types
+            reasons.append(f"onnx checker: graph {name}: {exc}")
+            return f"failed: {name}"
+        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if opset != manifest.opset:
+            reasons.append(f"graph {name} has opset {opset}, manifest says {manifest.opset}")
+    return "ok"
+
+
+def _test_vectors(bundle_dir: Path, manifest: Manifest, reasons: list[str]) -> dict[str, float]:
+    vectors = load_test_vectors(str(bundle_dir / manifest.test_vectors))
+    out = {}
+    for graph in (g for g in manifest.graphs if g.startswith("step")):
+        spec = manifest.graph(graph)
+        inputs = {t.name: vectors[f"in/{t.name}"] for t in spec.inputs}
+        expected = {t.name: vectors[f"out/{graph}/{t.name}"] for t in spec.outputs}
+        session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])
+        err, problems = compare_outputs(session.run_feeds(inputs), expected)
+        tol = manifest.test_tolerance.get(graph, DEFAULT_TOLERANCE)
+        out[graph] = err
+        reasons += [f"test vectors {graph}: {p}" for p in problems]
+        if not err <= tol:
+            reasons.append(f"test vectors {graph}: max error {err:.3g} > tolerance {tol:g}")
+    return out

@@ -1,0 +1,467 @@
+"""The on-device agent: a verified bundle, a running belief and safe actions (numpy + onnxruntime).
+
+One :class:`Agent` steps ``batch`` agents at once (1 on a drone, N in a simulator or a fleet).
+Per transition it makes one call to the bundle's fused step graph, which absorbs the transition
+into the belief's natural parameters (O(1) time and memory whatever the context length) and
+returns the action for the next observation; the following :meth:`Agent.act` on that
+observation returns the cached action without another call.
+
+Two action conventions, on purpose:
+
+- :meth:`Agent.act` / :meth:`Agent.observe` follow :class:`runtime.evaluation.AdaptivePolicy`:
+  actions are *normalized* to [-1, 1] (what the encoder was trained on; ``rollout`` scales them).
+- :meth:`Agent.act_scaled` and :meth:`Agent.step` return *physical* actions within the family's
+  bounds, for device control loops (``step`` keeps the previous obs and action itself).
+
+Bad input never poisons the belief: a wrong shape or dtype raises :class:`InputError` naming what
+was expected; a NaN/inf observation, action or reward skips the transition (counted in
+``belief.skipped``), raises an event and, where an action is needed, returns the configured safe
+fallback. Returned actions are always finite and within bounds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from runtime.bundle import Manifest, load_verified
+from runtime.errors import EdgeadaptError
+from runtime.evaluation import (
+    EvalReport,
+    RandomPolicy,
+    held_out_tasks,
+    normalize,
+    rollout,
+)
+from runtime.ood import Event, OODMonitor
+from runtime.posterior import Belief, entropy
+from runtime.providers import SessionTuning
+from runtime.session import GraphSession
+
+log = logging.getLogger(__name__)
+
+Fallback = Literal["zeros", "hold", "policy"]
+STEP_GRAPHS = {"fp32": "step", "int8": "step_int8"}
+
+
+class InputError(EdgeadaptError, ValueError):
+    """An observation, action or reward has the wrong shape or dtype."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the runtime behaves; every field has a safe default."""
+
+    #: Forgetting factor in (0, 1]; None = the bundle's default. < 1 tracks changing tasks.
+    forget: float | None = None
+    #: Safe action when the observation is not finite: "zeros" (physical 0, clipped to bounds),
+    #: "hold" (the last action returned) or "policy" (the policy at the last finite observation).
+    fallback: Fallback = "hold"
+    #: "reset": reset an agent's belief to the prior after ``changepoint_patience`` consecutive
+    #: steps with surprise above the alarm threshold. "off": only raise events.
+    changepoint: Literal["off", "reset"] = "off"
+    changepoint_patience: int = 3
+    #: Step graph precision: "fp32" or "int8" (the bundle must contain the INT8 variant).
+    precision: Literal["fp32", "int8"] = "fp32"
+    #: False: never update the belief (the non-adaptive reference of the evaluation).
+    adaptive: bool = True
+    #: Bind pre-allocated buffers once (IOBinding) instead of passing arrays to every run().
+    iobinding: bool = True
+    tuning: SessionTuning = field(default_factory=SessionTuning)
+    #: Graph calls at load so the first control step is not the slow one.
+    warmup: int = 20
+    #: Events kept for :meth:`Agent.drain_events` (oldest dropped first).
+    max_events: int = 1024
+
+
+@dataclass(frozen=True)
+class BeliefState:
+    """The task belief of each agent (batch axis dropped for a single agent)."""
+
+    mean: np.ndarray  # (Z,) or (B, Z)
+    var: np.ndarray
+    entropy: float | np.ndarray  # nats
+    count: int | np.ndarray  # transitions absorbed since reset
+    skipped: int | np.ndarray  # transitions refused (non-finite) since reset
+
+
+@dataclass
+class SelfTestReport:
+    """On-device self-test: test vectors through onnxruntime, then timed steps."""
+
+    passed: bool
+    max_abs_err: float
+    step_us_median: float
+    reasons: list[str] = field(default_factory=list)
+
+
+class Agent:
+    """``batch`` adaptive agents driven by a bundle's fused step graph."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        bundle_dir: str | Path,
+        providers: list[str] | None = None,
+        config: AgentConfig | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.bundle_dir = Path(bundle_dir)
+        self.config = config or AgentConfig()
+        self.graph_name = STEP_GRAPHS[self.config.precision]
+        spec = manifest.graph(self.graph_name)
+        self.session = GraphSession(
+            self.bundle_dir / spec.file,
+            spec,
+            batch=1,
+            providers=providers or manifest.providers,
+            tuning=self.config.tuning,
+            iobinding=self.config.iobinding,
+        )
+        self.forget = float(
+            self.config.forget if self.config.forget is not None else manifest.forget
+        )
+        if not 0.0 < self.forget <= 1.0:
+            raise InputError(f"forget must be in (0, 1], got {self.forget}")
+        self._obs_dim, self._act_dim = manifest.obs.dim, manifest.act.dim
+        self._act_low = np.asarray(manifest.act.low, dtype=np.float32)
+        self._act_high = np.asarray(manifest.act.high, dtype=np.float32)
+        self._half = (self._act_high - self._act_low) / 2.0
+        self._zero_norm = _zero_action(self._act_low, self._half)
+        self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
+        self.on_event: Callable[[Event], None] | None = None
+        self.reset(1)
+        self._warm_up()
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        pubkey: str | Path | bytes | None = None,
+        require_signature: bool = False,
+        providers: list[str] | None = None,
+        config: AgentConfig | None = None,
+    ) -> Agent:
+        """Verify a bundle (hashes, signature when a key is given, schema, runtime version)
+        and build an agent on the best available execution providers."""
+        manifest = load_verified(bundle_dir, pubkey, require_signature)
+        return cls(manifest, bundle_dir, providers, config)
+
+    # -- AdaptivePolicy ----------------------------------------------------------------------
+    def begin_task(self, tasks_BK: np.ndarray) -> None:
+        """Protocol hook: one agent per task, belief back to the prior (tasks are not read)."""
+        self.reset(len(tasks_BK))
+
+    def reset(self, batch: int | None = None) -> None:
+        """Forget everything (new task): belief back to the prior; optionally a new batch size."""
+        batch = self.batch if batch is None else int(batch)
+        if batch != getattr(self, "batch", None):
+            self.session.resize(batch)
+            self.batch = batch
+            self._bind_buffers()
+        self._prec[:] = 1.0 / self.manifest.prior_var
+        self._eta[:] = 0.0
+        self._forget[:] = self.forget
+        self._count = np.zeros(batch, dtype=np.int64)
+        self._skipped = np.zeros(batch, dtype=np.int64)
+        self._surprise = np.zeros(batch, dtype=np.float32)
+        self._last_norm = np.repeat(self._zero_norm[None], batch, axis=0)
+        self._last_good_obs: np.ndarray | None = None
+        self._cached = False  # outputs hold the action for the obs in the "obs" input
+        self._prev_obs: np.ndarray | None = None  # for step()
+        self._t = 0
+        ood = self.manifest.ood
+        self.monitor = OODMonitor(ood.warn, ood.alarm, batch, self.config.changepoint_patience)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic normalized action in [-1, 1]: ``(A,)`` for ``(O,)``, ``(B, A)`` for
+        ``(B, O)``. Non-finite observation rows get the safe fallback (and an event)."""
+        arr = self._rows(obs, self._obs_dim, "obs")
+        if self._cached and (arr == self._obs_in).all():
+            norm = self._out_norm.copy()
+        else:
+            norm = self._act_fresh(arr)
+        self._last_norm = norm
+        return norm[0].copy() if arr.ndim == 1 else norm.copy()
+
+    def observe(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: float | np.ndarray,
+        next_obs: np.ndarray,
+        done: bool | np.ndarray = False,
+    ) -> None:
+        """Absorb one transition per agent; ``action`` is the *normalized* action from
+        :meth:`act`. ``done`` only marks the episode end: the belief persists across episodes
+        of a task (call :meth:`reset` for a new task). Non-finite transitions are skipped."""
+        o, a, n = self._obs_dim, self._act_dim, self._obs_dim
+        tr = self._tr
+        tr[:, :o] = self._rows(obs, o, "obs")
+        tr[:, o : o + a] = self._rows(action, a, "action")
+        tr[:, o + a] = self._reward(reward)
+        nxt = self._rows(next_obs, n, "next_obs")
+        tr[:, o + a + 1 :] = nxt
+        finite = np.isfinite(tr).all(axis=1)
+        self._valid[:, 0] = finite & self.config.adaptive
+        self._obs_in[:] = nxt
+        if not finite.all():
+            self._refuse_rows(~finite)
+        self.session.run()
+        self._absorb(finite)
+
+    # -- device conveniences -----------------------------------------------------------------
+    def act_scaled(self, obs: np.ndarray) -> np.ndarray:
+        """Like :meth:`act` but in the family's physical action bounds."""
+        return self.scale(self.act(obs))
+
+    def step(
+        self, obs: np.ndarray, reward: float | np.ndarray | None = None, done: bool = False
+    ) -> np.ndarray:
+        """One control step for a device loop: absorb (previous obs, previous action, ``reward``,
+        ``obs``) when there is a previous step, then return the *physical* action for ``obs``.
+        Pass ``done=True`` with the final observation of an episode."""
+        if self._prev_obs is not None and reward is not None:
+            self.observe(self._prev_obs, self._last_norm, reward, obs, done)
+        action = self.act(obs)
+        self._prev_obs = None if done else np.array(obs, dtype=np.float32)
+        return self.scale(action)
+
+    def scale(self, action_norm: np.ndarray) -> np.ndarray:
+        """Normalized [-1, 1] -> physical bounds, clipped (float32)."""
+        phys = self._act_low + self._half * (np.asarray(action_norm, dtype=np.float32) + 1.0)
+        return np.clip(phys, self._act_low, self._act_high)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def belief(self) -> BeliefState:
+        """Posterior mean, variance, entropy (nats) and counts of each agent."""
+        b = Belief(self._prec.copy(), self._eta.copy(), self._count.copy())
+        ent = entropy(b)
+        if self.batch == 1:
+            return BeliefState(
+                b.mean[0], b.var[0], float(ent[0]), int(self._count[0]), int(self._skipped[0])
+            )
+        return BeliefState(b.mean, b.var, ent, self._count.copy(), self._skipped.copy())
+
+    @property
+    def ood_score(self) -> float:
+        """Surprise of the last absorbed transition (the largest over the batch)."""
+        return float(self._surprise.max())
+
+    @property
+    def ood_scores(self) -> np.ndarray:
+        """Surprise of each agent's last absorbed transition, ``(B,)``."""
+        return self._surprise.copy()
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the step graph runs on."""
+        return self.session.providers
+
+    def drain_events(self) -> list[Event]:
+        """Events since the last drain, oldest first."""
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def self_test(self, steps: int = 200) -> SelfTestReport:
+        """Run the bundle's test vectors through this agent's graph and time ``steps`` steps
+        (on a separate single agent, so this agent's belief is untouched)."""
+        from runtime.selftest import run_self_test
+
+        return run_self_test(self, steps)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _bind_buffers(self) -> None:
+        ins, outs = self.session.inputs, self.session.outputs
+        self._tr, self._valid, self._obs_in = ins["transition"], ins["valid"], ins["obs"]
+        self._prec, self._eta, self._forget = ins["precision"], ins["eta"], ins["forget"]
+        self._out_norm, self._updated = outs["action_norm"], outs["updated"]
+        self._out_prec, self._out_eta = outs["precision_out"], outs["eta_out"]
+        self._out_surprise = outs["surprise"]
+
+    def _absorb(self, finite: np.ndarray) -> None:
+        updated = self._updated
+        if not updated.all():
+            self._refuse_belief(finite & ~updated)
+        self._count += updated
+        np.copyto(self._prec, self._out_prec)
+        np.copyto(self._eta, self._out_eta)
+        np.copyto(self._surprise, self._out_surprise, where=updated)
+        self._t += 1
+        self._cached = bool(finite.all()) and bool(np.isfinite(self._out_norm).all())
+        if self.config.fallback == "policy" and finite.all():
+            self._last_good_obs = self._obs_in.copy()
+        if self.monitor.level.any() or (self._out_surprise > self.monitor.warn).any():
+            self._check_ood(updated)
+
+    def _check_ood(self, updated: np.ndarray) -> None:
+        events, fired = self.monitor.update(self._out_surprise, updated, self._t)
+        for ev in events:
+            self._emit(ev)
+        if self.config.changepoint == "reset" and fired.any():
+            self._prec[fired] = 1.0 / self.manifest.prior_var
+            self._eta[fired] = 0.0
+            self.monitor.reset(fired)
+            self._cached = False
+            for i in np.flatnonzero(fired):
+                self._emit(Event("changepoint_reset", int(i), self._t, float(self._surprise[i])))
+
+    def _act_fresh(self, arr: np.ndarray) -> np.ndarray:
+        """Run the step graph without a transition to get actions for ``arr``.
+
+        Non-finite rows are replaced by the last finite observation (zeros before any), so with
+        the "policy" fallback their output already is the policy at the last good observation.
+        """
+        obs = arr.reshape(self.batch, self._obs_dim)
+        good = np.isfinite(obs).all(axis=1)
+        self._valid[:] = False
+        if good.all():
+            self._obs_in[:] = obs
+        else:
+            self._obs_in[:] = np.where(good[:, None], obs, self._prev_good())
+        self.session.run()
+        self._cached = False
+        norm = self._out_norm.copy()
+        usable = good  # rows whose output is the policy at a real observation
+        if self.config.fallback == "policy":
+            usable = good | (self._last_good_obs is not None)
+            self._last_good_obs = self._obs_in.copy()
+        bad = ~good | ~np.isfinite(norm).all(axis=1)
+        if bad.any():
+            norm[bad] = self._fallback(bad, norm, usable)
+        return np.clip(norm, -1.0, 1.0)
+
+    def _fallback(self, bad: np.ndarray, norm: np.ndarray, usable: np.ndarray) -> np.ndarray:
+        """Safe actions for the ``bad`` rows (normalized), with one event per row."""
+        mode = self.config.fallback
+        if mode == "hold":
+            out = self._last_norm[bad]
+        elif mode == "policy":
+            out = np.where(usable[bad, None], norm[bad], self._zero_norm)
+        else:
+            out = np.repeat(self._zero_norm[None], int(bad.sum()), axis=0)
+        out = np.where(np.isfinite(out), out, self._zero_norm)
+        for i in np.flatnonzero(bad):
+            self._emit(Event("fallback_action", int(i), self._t, detail=f"mode {mode}"))
+        return out
+
+    def _prev_good(self) -> np.ndarray:
+        if self._last_good_obs is None:
+            return np.zeros((self.batch, self._obs_dim), dtype=np.float32)
+        return self._last_good_obs
+
+    def _refuse_rows(self, bad: np.ndarray) -> None:
+        """Inputs with NaN/inf: the graph leaves those rows' belief untouched (valid=False)."""
+        self._skipped += bad
+        self._obs_in[bad] = self._prev_good()[bad]
+        for i in np.flatnonzero(bad):
+            self._emit(Event("nonfinite_input", int(i), self._t, detail="transition skipped"))
+
+    def _refuse_belief(self, rows: np.ndarray) -> None:
+        self._skipped += rows
+        for i in np.flatnonzero(rows):
+            self._emit(Event("nonfinite_belief", int(i), self._t, detail="transition skipped"))
+
+    def _emit(self, event: Event) -> None:
+        self.events.append(event)
+        level = logging.WARNING if event.kind.startswith("nonfinite") else logging.DEBUG
+        log.log(level, "agent %d step %d: %s %s", event.agent, event.step, event.kind, event.detail)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a telemetry callback must never stop the control loop
+                log.exception("on_event callback failed")
+
+    def _rows(self, x: np.ndarray, width: int, what: str) -> np.ndarray:
+        """Validate shape/dtype of an obs or action: ``(width,)`` for one agent, else (B, width)."""
+        arr = x if type(x) is np.ndarray else np.asarray(x)
+        ok_shape = arr.shape == (self.batch, width) or (self.batch == 1 and arr.shape == (width,))
+        if arr.dtype.kind != "f" or not ok_shape:
+            want = f"({width},) or (1, {width})" if self.batch == 1 else f"({self.batch}, {width})"
+            raise InputError(
+                f"{what}: expected a float32 array of shape {want}, "
+                f"got {arr.dtype} array of shape {arr.shape}"
+            )
+        return arr
+
+    def _reward(self, reward: float | np.ndarray) -> np.ndarray | float:
+        if isinstance(reward, float | int) and not isinstance(reward, bool) and self.batch == 1:
+            return reward
+        arr = np.asarray(reward)
+        if arr.dtype.kind not in "fiu" or arr.size != self.batch or arr.ndim > 2:
+            raise InputError(
+                f"reward: expected {self.batch} float value(s), "
+                f"got {arr.dtype} array of shape {arr.shape}"
+            )
+        return arr.reshape(self.batch)
+
+    def _warm_up(self) -> None:
+        for _ in range(self.config.warmup):
+            self.session.run()
+        self.reset()
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path,
+    split: str = "test",
+    tasks: int | None = None,
+    episodes: int | None = None,
+    seed: int = 0,
+    oracle_return: float | None = None,
+    pubkey: str | Path | bytes | None = None,
+    config: AgentConfig | None = None,
+) -> EvalReport:
+    """Meta-test a bundle with the shared protocol; same JSON as evaluating the run (torch-free).
+
+    ``tasks``/``episodes`` default to the run's eval settings recorded in the manifest.
+    """
+    manifest = load_verified(bundle_dir, pubkey)
+    eval_cfg = manifest.provenance.get("eval", {})
+    n = int(tasks or (eval_cfg.get("tasks", 20) if isinstance(eval_cfg, dict) else 20))
+    episodes = int(episodes or (eval_cfg.get("episodes", 3) if isinstance(eval_cfg, dict) else 3))
+    config = config or AgentConfig()
+    from dataclasses import replace
+
+    from runtime.tasks import make_family
+
+    env = manifest.env
+    family = make_family(env, 1)
+    task_set = held_out_tasks(family, split, n, seed)
+    adaptive = Agent(manifest, bundle_dir, config=config)
+    fixed = Agent(manifest, bundle_dir, config=replace(config, adaptive=False))
+    res = rollout(adaptive, env, task_set, episodes, seed)
+    res_fixed = rollout(fixed, env, task_set, episodes, seed)
+    rand = rollout(
+        RandomPolicy(family.spec.act_dim, np.random.default_rng(seed)), env, task_set, 1, seed
+    )
+    random_return = float(rand.returns_TE.mean())
+    return EvalReport(
+        env=env,
+        split=str(split),
+        tasks=n,
+        episodes=episodes,
+        return_by_episode=res.by_episode,
+        normalized_by_episode=normalize(res.by_episode, random_return, oracle_return),
+        nonadaptive_return_by_episode=res_fixed.by_episode,
+        nonadaptive_normalized_by_episode=normalize(
+            res_fixed.by_episode, random_return, oracle_return
+        ),
+        oracle_return=oracle_return,
+        random_return=random_return,
+        source=str(bundle_dir),
+    )
+
+
+def _zero_action(low: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """The normalized action whose physical value is closest to 0."""
+    safe_half = np.where(half > 0, half, 1.0)
+    return np.clip((0.0 - low) / safe_half - 1.0, -1.0, 1.0).astype(np.float32)
