@@ -108,6 +108,18 @@ class BoxSplits:
     def task_high(self) -> np.ndarray:
         return self.high
 
+    @property
+    def notes(self) -> dict[str, str]:
+        """One line per split, for ``edgeadapt envs``."""
+        n_test = len(self._grid.cell_ids(Split.TEST))
+        n_all = self.cells ** len(self.low)
+        box = f"box {self.low.tolist()}..{self.high.tolist()}"
+        return {
+            "train": f"{n_all - n_test} of {n_all} grid cells of the {box}",
+            "test": f"the {n_test} held-out cells (seed {self.seed})",
+            "ood": f"uniform in {self.ood_low.tolist()}..{self.ood_high.tolist()}",
+        }
+
     def sample(self, split: Split, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` task vectors of ``split``."""
         if split is Split.OOD:
