@@ -1,0 +1,554 @@
+"""The device-side telemetry publisher: outbox -> batches -> MQTT (QoS 1), commands in.
+
+Threads:
+
+- the caller's control loop: :meth:`TelemetryClient.record_step` and :meth:`~TelemetryClient.event`
+  only take a lock and append to a deque (no I/O, no network);
+- paho's network thread (``loop_start``): its callbacks only append to deques and set flags,
+  inside :func:`~devices.telemetry.transport.guarded` wrappers, so nothing raised there can stop
+  the network loop;
+- the worker thread (:meth:`TelemetryClient._run`): one SQLite transaction per cycle (persist
+  queued records, delete acknowledged ones, apply the size bound and TTL, verify commands), then
+  publish due batches. Only this thread touches the SQLite outbox.
+
+Messages are published at QoS 1; a record leaves the outbox only when the PUBACK of its batch
+arrived. paho keeps unacknowledged messages and resends them after a reconnect in the same
+process; after a restart the outbox is published again from its oldest row. Either way the
+collector may see a batch twice and deduplicates on (device, boot, seq).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from devices.telemetry.commands_proto import (
+    Command,
+    CommandRejected,
+    load_public_keys,
+    verify_command,
+)
+from devices.telemetry.config import TelemetryConfig
+from devices.telemetry.outbox import OutboxRow, OutboxStore, QueuedRecord, RecordQueue
+from devices.telemetry.records import (
+    AckStatus,
+    EventType,
+    RecordKind,
+    Sample,
+    batch_payload,
+    birth_payload,
+    encode_ack,
+    encode_event,
+    encode_telemetry,
+    state_payload,
+)
+from devices.telemetry.topics import Channel, topic
+from devices.telemetry.transport import connect_kwargs, guarded, make_client, parse_broker_url
+from runtime import RUNTIME_VERSION
+
+log = logging.getLogger(__name__)
+
+#: Runs a verified command (not ``rebirth``, which the client handles); returns ack details.
+#: Called in the worker thread: hand the work to the control loop and return quickly.
+CommandHandler = Callable[[Command], "dict[str, Any] | None"]
+
+KIND_CHANNEL = {
+    RecordKind.TELEMETRY: Channel.TELEMETRY,
+    RecordKind.EVENT: Channel.EVENT,
+    RecordKind.ACK: Channel.ACK,
+}
+MAX_COMMAND_BYTES = 16_384
+POLICY_PERIOD_S = 1.0
+
+
+@dataclass(frozen=True)
+class BirthInfo:
+    """What the device announces in its birth message."""
+
+    bundle_id: str = ""
+    bundle_version: str = ""
+    profile: str = ""
+    runtime_version: str = RUNTIME_VERSION
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A snapshot of the client's counters."""
+
+    connected: bool
+    boot: str
+    boot_n: int
+    last_seq: int
+    queued: int
+    stored: int
+    inflight_messages: int
+    published_records: int
+    acked_records: int
+    rejected_by_broker: int
+    dropped_records: int
+    commands_accepted: int
+    commands_rejected: int
+    worker_errors: int
+
+
+class TelemetryClient:
+    """Publishes a device's records through a persisted outbox; verifies incoming commands."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        birth: BirthInfo | None = None,
+        command_handler: CommandHandler | None = None,
+    ):
+        self.config = config
+        self.birth = birth or BirthInfo()
+        self.command_handler = command_handler
+        self._broker = parse_broker_url(
+            config.broker,
+            username=config.username,
+            password=config.password,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            protocol=config.protocol,
+            keepalive_s=config.keepalive_s,
+        )
+        self._keys = load_public_keys(config.command_keys)
+        self._store = OutboxStore.open(config.outbox, config.sync)
+        self.boot = secrets.token_hex(8)
+        self.boot_n = self._store.new_boot()
+        self._queue = RecordQueue(self._store.next_seq())
+        self._topics = {ch: topic(config.fleet, config.device, ch) for ch in Channel}
+        self._mqtt = make_client(self._broker, client_id=config.device)
+        self._acks: deque[tuple[int, bool]] = deque()
+        self._inbox: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"telemetry-{config.device}", daemon=True
+        )
+        self._tick_s = min(max(config.batch_period_s / 4, 0.002), 0.05)
+        self._connected = False
+        self._generation = 0  # incremented by each successful connect (network thread)
+        self._seen_generation = 0
+        self._rebirth = False
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (first seq, last seq)
+        self._sent_hi = 0  # highest seq handed to paho
+        self._hist_upto = self._queue.last_assigned  # records up to here were offline-buffered
+        self._committed_upto = self._queue.last_assigned
+        self._last_policy = 0.0
+        self._counters = dict.fromkeys(
+            ("published", "acked", "rejected", "dropped", "cmd_ok", "cmd_rejected", "errors"), 0
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> TelemetryClient:
+        """Connect in the background (retrying forever) and start the worker."""
+        cfg = self.config
+        m = self._mqtt
+        m.on_connect = guarded(self._on_connect, "connect")
+        m.on_disconnect = guarded(self._on_disconnect, "disconnect")
+        m.on_publish = guarded(self._on_publish, "publish")
+        m.on_message = guarded(self._on_message, "message")
+        will = state_payload("offline", self.boot, self.boot_n, time.time(), "lost")
+        m.will_set(self._topics[Channel.STATE], will, qos=1, retain=True)
+        m.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
+        m.max_inflight_messages_set(cfg.max_inflight + 16)
+        m.max_queued_messages_set(0)
+        m.connect_async(**connect_kwargs(self._broker))  # type: ignore[arg-type]
+        m.loop_start()
+        self._thread.start()
+        log.info(
+            "telemetry %s/%s boot %s (#%d) from seq %d via %s",
+            cfg.fleet,
+            cfg.device,
+            self.boot,
+            self.boot_n,
+            self._queue.last_assigned + 1,
+            self._broker.url,
+        )
+        return self
+
+    def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop: optionally wait for the outbox to drain, persist what is queued, say offline."""
+        if drain_timeout_s > 0:
+            self.wait_drained(drain_timeout_s)
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._connected:
+            offline = state_payload("offline", self.boot, self.boot_n, time.time(), "shutdown")
+            info = self._mqtt.publish(self._topics[Channel.STATE], offline, qos=1, retain=True)
+            _wait_quietly(info, 2.0)
+        self._mqtt.disconnect()
+        self._mqtt.loop_stop()
+        self._store.close()
+
+    def __enter__(self) -> TelemetryClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- control-loop API (never blocks on I/O) ----------------------------------------------
+    def record_step(
+        self,
+        step: int,
+        reward: float,
+        action: Sequence[float],
+        belief_mean: Sequence[float],
+        belief_var: Sequence[float],
+        belief_entropy: float,
+        belief_count: int,
+        ood_score: float,
+        latency_us: float,
+    ) -> int | None:
+        """Queue one control step's telemetry; returns its seq, or None when decimated away.
+
+        Arrays (numpy or sequences) are copied, so the caller may reuse its buffers.
+        """
+        if step % self.config.decimate:
+            return None
+        sample = Sample(
+            step,
+            reward,
+            _copy(action),
+            _copy(belief_mean),
+            _copy(belief_var),
+            belief_entropy,
+            belief_count,
+            ood_score,
+            latency_us,
+        )
+        return self.record(sample)
+
+    def record(self, sample: Sample) -> int:
+        """Queue a ready :class:`Sample` (its sequences must not be mutated afterwards)."""
+        seq = self._queue.put(RecordKind.TELEMETRY, time.time(), sample)
+        if len(self._queue) >= self.config.batch_size:
+            self._wake.set()
+        return seq
+
+    def event(self, event_type: str, data: dict[str, Any] | None = None) -> int:
+        """Queue an event (see ``records.EventType``); events are never dropped by the bound."""
+        seq = self._queue.put(RecordKind.EVENT, time.time(), (event_type, data or {}))
+        self._wake.set()
+        return seq
+
+    # --- status ------------------------------------------------------------------------------
+    def stats(self) -> ClientStats:
+        """Counters (read without locks: a consistent-enough snapshot for monitoring)."""
+        c = self._counters
+        return ClientStats(
+            connected=self._connected, boot=self.boot, boot_n=self.boot_n,
+            last_seq=self._queue.last_assigned, queued=len(self._queue), stored=self._store.count,
+            inflight_messages=len(self._inflight), published_records=c["published"],
+            acked_records=c["acked"], rejected_by_broker=c["rejected"],
+            dropped_records=c["dropped"],
+            commands_accepted=c["cmd_ok"], commands_rejected=c["cmd_rejected"],
+            worker_errors=c["errors"],
+        )  # fmt: skip
+
+    @property
+    def connected(self) -> bool:
+        """True while an MQTT connection is up."""
+        return self._connected
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is committed to the outbox (not for the loop)."""
+        target = self._queue.last_assigned
+        self._wake.set()
+        return _wait_until(lambda: self._committed_upto >= target, timeout_s)
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until every record was acknowledged by the broker; False on timeout."""
+        self._wake.set()
+        return _wait_until(
+            lambda: (
+                not self._queue
+                and self._store.count == 0
+                and not self._inflight
+                and self._committed_upto >= self._queue.last_assigned
+            ),
+            timeout_s,
+        )
+
+    # --- paho callbacks (network thread; only flags and deques) --------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("telemetry: broker refused the connection: %s", reason)
+            return
+        self._connected = True
+        self._generation += 1
+        self._wake.set()
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._connected:
+            log.info("telemetry: disconnected (%s); records stay in the outbox", reason)
+        self._connected = False
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self._acks.append((mid, not reason.is_failure))
+        self._wake.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        self._inbox.append(bytes(message.payload))
+        self._wake.set()
+
+    # --- worker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_error = 0.0
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self._cycle(publish=not stopping)
+            except Exception:
+                self._counters["errors"] += 1
+                if time.monotonic() - last_error > 10:
+                    last_error = time.monotonic()
+                    log.exception("telemetry worker cycle failed (will retry)")
+            if stopping:
+                return
+            self._wake.wait(self._tick_s)
+            self._wake.clear()
+
+    def _cycle(self, publish: bool) -> None:
+        now = time.time()
+        if publish and self._connected and self._generation != self._seen_generation:
+            self._on_new_connection()
+        if self._rebirth and self._connected:
+            self._rebirth = False
+            self._publish_birth(now)
+        acks = _drain(self._acks)
+        inbox = _drain(self._inbox)
+        items: list[QueuedRecord] = []
+        self._store.begin()
+        try:
+            for payload in inbox:
+                self._handle_command(payload, now)
+            if self._connected:
+                self._report_drops(now)
+            items = self._queue.take()
+            self._store.insert([self._encode(item) for item in items])
+            self._apply_acks(acks)
+            self._apply_policy(now)
+            self._store.commit()
+        except BaseException:
+            self._store.rollback()
+            self._queue.put_back(items)  # retried next cycle, still in sequence order
+            raise
+        if items:
+            self._committed_upto = items[-1].seq
+        if publish and self._connected:
+            self._publish_due(now)
+
+    def _on_new_connection(self) -> None:
+        self._seen_generation = self._generation
+        self._hist_upto = self._queue.last_assigned
+        self._mqtt.subscribe(self._topics[Channel.COMMAND], qos=1)
+        self._publish_birth(time.time())
+
+    def _publish_birth(self, now: float) -> None:
+        cfg, b = self.config, self.birth
+        info = {
+            "fleet": cfg.fleet, "dev": cfg.device, "boot": self.boot, "boot_n": self.boot_n,
+            "t": now, "bundle_id": b.bundle_id, "bundle_version": b.bundle_version,
+            "runtime_version": b.runtime_version, "profile": b.profile,
+            "next_seq": self._queue.last_assigned + 1, "proto": cfg.protocol,
+        }  # fmt: skip
+        self._mqtt.publish(self._topics[Channel.BIRTH], birth_payload(info), qos=1, retain=True)
+        online = state_payload("online", self.boot, self.boot_n, now, "connected")
+        self._mqtt.publish(self._topics[Channel.STATE], online, qos=1, retain=True)
+
+    def _encode(self, item: QueuedRecord) -> OutboxRow:
+        try:
+            if item.kind == RecordKind.TELEMETRY:
+                body = encode_telemetry(item.seq, item.t, item.data)
+            elif item.kind == RecordKind.EVENT:
+                body = encode_event(item.seq, item.t, *item.data)
+            else:
+                body = encode_ack(item.seq, item.t, item.data)
+            return OutboxRow(item.seq, int(item.kind), self.boot, item.t, body)
+        except (TypeError, ValueError) as exc:
+            # keep the sequence gap-free: the bad record becomes an event saying why
+            body = encode_event(item.seq, item.t, "record_error", {"error": str(exc)[:200]})
+            return OutboxRow(item.seq, int(RecordKind.EVENT), self.boot, item.t, body)
+
+    def _apply_acks(self, acks: list[tuple[int, bool]]) -> None:
+        for mid, ok in acks:
+            span = self._inflight.pop(mid, None)
+            if span is None:
+                continue
+            if not ok:
+                self._counters["rejected"] += span[1] - span[0] + 1
+                log.error("broker refused seq %d..%d (not authorized?); dropped", *span)
+            self._counters["acked"] += self._store.delete_range(*span)
+
+    def _apply_policy(self, now: float) -> None:
+        cfg = self.config
+        dropped = self._store.enforce_bound(cfg.max_records, self._sent_hi)
+        self._store.add_dropped("full", dropped)
+        if now - self._last_policy >= POLICY_PERIOD_S:
+            self._last_policy = now
+            cutoffs = {
+                RecordKind.TELEMETRY: now - cfg.telemetry_ttl_s,
+                RecordKind.EVENT: now - cfg.event_ttl_s,
+                RecordKind.ACK: now - cfg.event_ttl_s,
+            }
+            expired = self._store.expire(cutoffs, self._sent_hi)
+            self._store.add_dropped("ttl", expired)
+            self._store.nonce_prune(now)
+            dropped = dropped + expired
+        if dropped:
+            self._counters["dropped"] += len(dropped)
+            log.warning(
+                "outbox policy dropped %d records (seq %d..%d)",
+                len(dropped),
+                dropped[0],
+                dropped[-1],
+            )
+
+    def _report_drops(self, now: float) -> None:
+        reports = self._store.dropped()
+        for reason, rep in reports.items():
+            data = {"reason": reason, "n": rep.n, "first": rep.first, "last": rep.last}
+            self._queue.put(RecordKind.EVENT, now, (EventType.OUTBOX_DROPPED, data))
+        if reports:
+            self._store.clear_dropped()
+
+    def _publish_due(self, now: float) -> None:
+        cfg = self.config
+        while len(self._inflight) < cfg.max_inflight:
+            rows = self._store.fetch_after(self._sent_hi, cfg.batch_size)
+            if not rows or not self._due(rows, now):
+                return
+            for run in _runs(rows, self._hist_upto):
+                if not self._publish_run(run):
+                    return
+
+    def _due(self, rows: list[OutboxRow], now: float) -> bool:
+        if len(rows) >= self.config.batch_size or rows[0].seq <= self._hist_upto:
+            return True
+        if any(r.kind != RecordKind.TELEMETRY for r in rows):
+            return True
+        return now - rows[0].t >= self.config.batch_period_s
+
+    def _publish_run(self, run: list[OutboxRow]) -> bool:
+        import paho.mqtt.client as mqtt
+
+        cfg = self.config
+        kind = RecordKind(run[0].kind)
+        hist = run[0].seq <= self._hist_upto
+        payload = batch_payload(
+            cfg.fleet, cfg.device, run[0].boot, kind, hist, (r.body for r in run)
+        )
+        info = self._mqtt.publish(self._topics[KIND_CHANNEL[kind]], payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish failed (%s); will retry", mqtt.error_string(info.rc))
+            return False
+        # NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting
+        self._inflight[info.mid] = (run[0].seq, run[-1].seq)
+        self._sent_hi = run[-1].seq
+        self._counters["published"] += len(run)
+        return True
+
+    # --- commands ----------------------------------------------------------------------------
+    def _handle_command(self, payload: bytes, now: float) -> None:
+        cfg = self.config
+        try:
+            if len(payload) > MAX_COMMAND_BYTES:
+                raise CommandRejected("malformed", f"{len(payload)} bytes")
+            cmd = verify_command(
+                payload, self._keys, cfg.fleet, cfg.device, now=now,
+                max_ttl_s=cfg.command_max_ttl_s, skew_s=cfg.clock_skew_s,
+                seen=self._store.nonce_seen,
+            )  # fmt: skip
+        except CommandRejected as exc:
+            self._reject(exc, now)
+            return
+        self._store.nonce_add(cmd.nonce, cmd.expires + cfg.clock_skew_s)
+        self._counters["cmd_ok"] += 1
+        status, detail = self._execute(cmd)
+        self._ack(cmd.nonce, cmd.name, status, detail, now)
+
+    def _reject(self, exc: CommandRejected, now: float) -> None:
+        self._counters["cmd_rejected"] += 1
+        log.warning("rejected command: %s", exc)
+        data = {
+            "reason": exc.reason,
+            "detail": exc.detail[:200],
+            "nonce": exc.nonce,
+            "cmd": exc.name,
+        }
+        self._queue.put(RecordKind.EVENT, now, (EventType.COMMAND_REJECTED, data))
+        if exc.nonce is not None:
+            self._ack(exc.nonce, exc.name, AckStatus.REJECTED, {"reason": exc.reason}, now)
+
+    def _execute(self, cmd: Command) -> tuple[str, dict[str, Any]]:
+        if cmd.name == "rebirth":
+            self._rebirth = True
+            return AckStatus.OK, {}
+        if self.command_handler is None:
+            return AckStatus.UNSUPPORTED, {"reason": "no command handler on this device"}
+        try:
+            return AckStatus.OK, dict(self.command_handler(cmd) or {})
+        except Exception as exc:
+            log.exception("command %s failed", cmd.name)
+            error = {"cmd": cmd.name, "nonce": cmd.nonce, "error": repr(exc)[:200]}
+            self._queue.put(RecordKind.EVENT, time.time(), (EventType.COMMAND_FAILED, error))
+            return AckStatus.FAILED, {"error": repr(exc)[:200]}
+
+    def _ack(
+        self, nonce: str, name: str | None, status: str, detail: dict[str, Any], now: float
+    ) -> None:
+        ack = {"nonce": nonce, "cmd": name, "status": status, "detail": detail}
+        self._queue.put(RecordKind.ACK, now, ack)
+
+
+def _runs(rows: list[OutboxRow], hist_upto: int) -> list[list[OutboxRow]]:
+    """Split rows into maximal runs with the same kind, boot and historical flag."""
+    runs: list[list[OutboxRow]] = []
+    key = None
+    for row in rows:
+        k = (row.kind, row.boot, row.seq <= hist_upto)
+        if k != key:
+            runs.append([])
+            key = k
+        runs[-1].append(row)
+    return runs
+
+
+def _copy(values: Sequence[float]) -> list[float]:
+    tolist = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else list(values)
+
+
+def _drain(items: deque[Any]) -> list[Any]:
+    out = []
+    while items:
+        out.append(items.popleft())
+    return out
+
+
+def _wait_until(cond: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _wait_quietly(info: Any, timeout_s: float) -> None:
+    with contextlib.suppress(RuntimeError, ValueError):
+        info.wait_for_publish(timeout_s)
