@@ -14,7 +14,8 @@ Example::
     env.unwrapped.set_task([-3.0, 0.0, 1.1, 0.0])          # the wind shifts mid-episode
 
 Spaces: ``observation_space`` and ``action_space`` are float32 ``Box`` es with the family's
-declared bounds; actions are physical (N, rad, m/s^2, ...) and clipped to the box like the family.
+declared bounds; actions are physical (N, rad, m/s^2, ...) and clipped to the box like the family,
+or in [-1, 1] per axis with ``make_gym_env(..., normalize_actions=True)``.
 ``info["task"]`` always holds the current task vector. ``register_gym_envs()`` registers every
 family as ``edgeadapt/<name>-v0`` for ``gymnasium.make``.
 """
@@ -37,13 +38,16 @@ class MissingDependencyError(EdgeadaptError):
     """An optional package needed for this feature is not installed."""
 
 
-def make_gym_env(family: str | TaskFamily, split: Split | str = Split.TRAIN) -> Any:
+def make_gym_env(
+    family: str | TaskFamily, split: Split | str = Split.TRAIN, normalize_actions: bool = False
+) -> Any:
     """A ``gymnasium.Env`` over one environment of ``family`` (a name or a 1-env family).
 
     Without ``options={"task": ...}``, :meth:`reset` samples the task from ``split`` with the
-    env's seeded ``np_random``.
+    env's seeded ``np_random``. With ``normalize_actions`` the action space is [-1, 1] per axis,
+    mapped linearly onto the family's physical bounds (what most RL libraries expect).
     """
-    return gym_view_class()(family, split)
+    return gym_view_class()(family, split, normalize_actions)
 
 
 def register_gym_envs() -> list[str]:
@@ -79,7 +83,12 @@ def gym_view_class() -> type:
 
         metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (gymnasium convention)
 
-        def __init__(self, family: str | TaskFamily, split: Split | str = Split.TRAIN) -> None:
+        def __init__(
+            self,
+            family: str | TaskFamily,
+            split: Split | str = Split.TRAIN,
+            normalize_actions: bool = False,
+        ) -> None:
             self.family = make_family(family, 1) if isinstance(family, str) else family
             if self.family.num_envs != 1:
                 n = self.family.num_envs
@@ -88,7 +97,12 @@ def gym_view_class() -> type:
             spec = self.family.spec
             self.family_spec = spec
             self.observation_space = _box(gym, spec.obs_low, spec.obs_high)
-            self.action_space = _box(gym, spec.act_low, spec.act_high)
+            self.normalize_actions = normalize_actions
+            if normalize_actions:
+                ones = np.ones(spec.act_dim)
+                self.action_space = _box(gym, -ones, ones)
+            else:
+                self.action_space = _box(gym, spec.act_low, spec.act_high)
 
         def reset(
             self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -104,7 +118,12 @@ def gym_view_class() -> type:
             return obs[0], self._info()
 
         def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-            res = self.family.step(np.asarray(action, dtype=np.float64).reshape(1, -1))
+            action = np.asarray(action, dtype=np.float64).reshape(1, -1)
+            if self.normalize_actions:
+                spec = self.family_spec
+                half = (spec.act_high - spec.act_low) / 2.0
+                action = spec.act_low + half * (np.clip(action, -1.0, 1.0) + 1.0)
+            res = self.family.step(action)
             return (
                 res.obs[0],
                 float(res.reward[0]),
