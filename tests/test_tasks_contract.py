@@ -193,7 +193,7 @@ def test_set_tasks_changes_the_episode(family: str) -> None:
     tasks, other = tasks_of(env_a, Split.TRAIN, seed=0), tasks_of(env_a, Split.TEST, seed=5)
     obs_a = env_a.reset(tasks, np.random.default_rng(4))
     obs_b = env_b.reset(tasks, np.random.default_rng(4))
-    policy, rng = INFORMED[family], np.random.default_rng(4)
+    policy, rng = INFORMED.get(family, random_policy(env_a)), np.random.default_rng(4)
     switch = min(10, env_a.spec.horizon // 2)
     differs = []
     for k in range(switch + 5):
@@ -213,6 +213,8 @@ def test_set_tasks_changes_the_episode(family: str) -> None:
 
 
 def test_informed_policy_beats_random(family: str) -> None:
+    if family not in INFORMED:
+        pytest.skip(f"no hand-written informed policy for {family!r} in this test")
     env = make_family(family, N)
     tasks = tasks_of(env, Split.TEST, seed=11)
     informed = rollout(env, tasks, INFORMED[family], seed=11)["reward"].sum(axis=0).mean()
