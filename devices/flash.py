@@ -60,7 +60,14 @@ from devices.slots import (
     write_state,
 )
 from runtime import RUNTIME_VERSION
-from runtime.bundle import MANIFEST_FILE, SIGNATURE_FILE, Manifest, load_public_key, verify_bundle
+from runtime.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    Manifest,
+    check_compatible,
+    load_public_key,
+    verify_bundle,
+)
 from runtime.errors import EdgeadaptError
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,8 @@ FlashStage = Literal[
     "verify", "compat", "fetch", "stage", "health", "switch", "rollback", "done", "unchanged"
 ]
 CRASH_ENV = "EDGEADAPT_FLASH_CRASH_AT"
+#: Device-built artefacts (TensorRT engines), under the device root.
+CACHE_DIR = "cache"
 #: Named points where a test may ask the flashing process to SIGKILL itself. ``copy-N`` (the
 #: N-th file written, from 1) is accepted as well.
 CRASH_POINTS = (
@@ -213,8 +222,6 @@ def check_compatibility(
     manifest: Manifest, profile: DeviceProfile, runtime_version: str = RUNTIME_VERSION
 ) -> list[str]:
     """Why ``manifest`` cannot run on a device with ``profile``; empty when it can."""
-    from runtime.bundle import check_compatible
-
     reasons: list[str] = []
     if manifest.profile is not None and manifest.profile != profile.name:
         reasons.append(_profile_mismatch(manifest.profile, profile))
@@ -312,8 +319,11 @@ def _verify_source(src: Path, key: Path | None) -> Manifest:
         report = verify_bundle(src, pubkey=key, require_signature=key is not None)
     except EdgeadaptError as exc:
         raise _Refused("verify", f"bundle refused: {exc}") from None
-    if not report.ok or report.manifest is None:
-        raise _Refused("verify", "bundle refused: " + "; ".join(report.reasons))
+    # A runtime that is too old is a compatibility matter, reported by the compat stage.
+    too_new = check_compatible(report.manifest) if report.manifest is not None else None
+    reasons = [r for r in report.reasons if r != too_new]
+    if reasons or report.manifest is None:
+        raise _Refused("verify", "bundle refused: " + "; ".join(reasons))
     return report.manifest
 
 
@@ -348,6 +358,7 @@ def _health(
         device_profile_path(root),
         pubkey_path(root),
         timeout_s if timeout_s is not None else profile.health_timeout_s,
+        cache_dir=root / CACHE_DIR,
         on_started=lambda: _crash_point("health-running"),
     )
     if not health.passed:

@@ -20,9 +20,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devices.profiles import check_budget, load_profile
+from devices.profiles import DeviceProfile, check_budget, load_profile
 from devices.slots import HealthSummary
+
+if TYPE_CHECKING:
+    from runtime.agent import AgentConfig
+    from runtime.bundle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,20 @@ def run_health_gate(
     profile_path: Path,
     pubkey: Path | None,
     timeout_s: float,
+    cache_dir: Path | None = None,
     on_started: Callable[[], None] | None = None,
 ) -> HealthSummary:
     """Run the gate in a child process; never raises for a failing bundle.
 
-    ``timeout_s`` bounds the whole child (s); ``on_started`` is called once the child runs
-    (a test hook for crash injection).
+    ``timeout_s`` bounds the whole child (s); ``cache_dir`` holds TensorRT engines built on the
+    device; ``on_started`` is called once the child runs (a test hook for crash injection).
     """
     cmd = [sys.executable, "-m", "devices.health", str(bundle_dir), "--profile", str(profile_path)]
     cmd += ["--parent-pid", str(os.getpid())]
     if pubkey is not None:
         cmd += ["--pubkey", str(pubkey)]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
     start = time.perf_counter()
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env()
@@ -62,17 +70,21 @@ def run_health_gate(
     return _parse_result(child.returncode, out, err, start)
 
 
-def check_bundle(bundle_dir: Path, profile_path: Path, pubkey: Path | None) -> HealthSummary:
+def check_bundle(
+    bundle_dir: Path, profile_path: Path, pubkey: Path | None, cache_dir: Path | None = None
+) -> HealthSummary:
     """The gate itself, in this process: load, self-test, latency and memory budgets."""
     from runtime.agent import Agent
+    from runtime.bundle import load_verified
 
     start = time.perf_counter()
     profile = load_profile(profile_path)
-    agent = Agent.load(
+    manifest = load_verified(bundle_dir, pubkey, require_signature=pubkey is not None)
+    agent = Agent(
+        manifest,
         bundle_dir,
-        pubkey=pubkey,
-        require_signature=pubkey is not None,
         providers=list(profile.execution_providers),
+        config=agent_config_for(profile, manifest, cache_dir),
     )
     report = agent.self_test()
     rss_mb = peak_rss_mb()
@@ -90,6 +102,26 @@ def check_bundle(bundle_dir: Path, profile_path: Path, pubkey: Path | None) -> H
     )
 
 
+def agent_config_for(
+    profile: DeviceProfile, manifest: Manifest, cache_dir: Path | None = None
+) -> AgentConfig:
+    """The runtime settings a device with ``profile`` runs ``manifest`` with.
+
+    The health gate and the field runner use the same settings, so the gate tests what will run:
+    the INT8 step graph when the profile prefers int8 and the bundle ships it, TensorRT FP16
+    when the profile prefers fp16, and a TensorRT engine cache under ``cache_dir``.
+    """
+    from runtime.agent import STEP_GRAPHS, AgentConfig
+    from runtime.providers import SessionTuning
+
+    int8 = profile.precision == "int8" and STEP_GRAPHS["int8"] in manifest.graphs
+    tuning = SessionTuning(
+        fp16=profile.precision == "fp16",
+        trt_cache_dir=str(cache_dir / "trt") if cache_dir is not None else None,
+    )
+    return AgentConfig(precision="int8" if int8 else "fp32", tuning=tuning)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (MB)."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -103,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--pubkey", type=Path, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
     try:
-        summary = check_bundle(args.bundle, args.profile, args.pubkey)
+        summary = check_bundle(args.bundle, args.profile, args.pubkey, args.cache_dir)
     except Exception as exc:  # any load or run error is a failed gate, reported as such
         summary = HealthSummary(passed=False, reasons=[f"{type(exc).__name__}: {exc}"])
     print(RESULT_PREFIX + summary.model_dump_json(), flush=True)
