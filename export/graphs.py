@@ -3,10 +3,11 @@
 Every graph is stateless: the belief goes in and comes out (natural parameters), so the same
 graph serves one agent or a fleet (dynamic batch axis ``batch``).
 
-- ``step``: the fused per-step graph. It absorbs the latest transition into the belief (unless
-  ``valid`` is False or the result would not be finite), scores how surprising the transition
-  was under the belief *before* the update, and returns the deterministic action for ``obs``
-  under the updated posterior mean, both normalized and scaled to the action bounds.
+- ``step``: the fused per-step graph. It absorbs the latest transition into the belief, flags
+  rows where that is not finite (``updated`` False: the runtime keeps the old belief), scores
+  how surprising the transition was under the belief *before* the update, and returns the
+  deterministic action for ``obs`` under the updated posterior mean, both normalized and scaled
+  to the action bounds.
 - ``encoder``: transition -> Gaussian factor (mu, var).
 - ``policy``: (obs, z) -> deterministic action, normalized and scaled.
 
@@ -26,7 +27,7 @@ from training.networks import ContextEncoder, TanhGaussianActor
 
 BATCH = "batch"
 
-STEP_INPUTS = ("transition", "valid", "precision", "eta", "forget", "obs")
+STEP_INPUTS = ("transition", "precision", "eta", "forget", "obs")
 STEP_OUTPUTS = ("action", "action_norm", "precision_out", "eta_out", "surprise", "updated")
 ENCODER_INPUTS = ("transition",)
 ENCODER_OUTPUTS = ("mu", "var")
@@ -52,7 +53,6 @@ def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], st
     b = BATCH
     table: dict[str, tuple[list[int | str], str]] = {
         "transition": ([b, dims.transition], "float32"),
-        "valid": ([b, 1], "bool"),
         "precision": ([b, dims.latent], "float32"),
         "eta": ([b, dims.latent], "float32"),
         "forget": ([b, 1], "float32"),
@@ -63,7 +63,7 @@ def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], st
         "precision_out": ([b, dims.latent], "float32"),
         "eta_out": ([b, dims.latent], "float32"),
         "surprise": ([b], "float32"),
-        "updated": ([b], "bool"),
+        "updated": ([b], "bool"),  # False: transition or result not finite, keep old belief
         "mu": ([b, dims.latent], "float32"),
         "var": ([b, dims.latent], "float32"),
     }
@@ -76,21 +76,30 @@ def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], st
 
 
 class ActionScale(nn.Module):
-    """[-1, 1] -> physical bounds: ``low + (high - low) / 2 * (a + 1)`` (training.agent)."""
+    """[-1, 1] -> physical bounds: ``low + (high - low) / 2 * (a + 1)`` (training.agent),
+    computed as ``a * half + (low + half)``: two graph nodes."""
 
     def __init__(self, spec: FamilySpec) -> None:
         super().__init__()
         low = torch.as_tensor(spec.act_low, dtype=torch.float32)
         high = torch.as_tensor(spec.act_high, dtype=torch.float32)
-        self.register_buffer("low", low)
-        self.register_buffer("half_range", (high - low) / 2.0)
+        half = (high - low) / 2.0
+        self.register_buffer("half_range", half)
+        self.register_buffer("center", low + half)
 
     def forward(self, action_BA: torch.Tensor) -> torch.Tensor:
-        return self.low + self.half_range * (action_BA + 1.0)
+        return action_BA * self.half_range + self.center
 
 
 class StepGraph(nn.Module):
-    """Fused step: (transition, valid, precision, eta, forget, obs) -> action and belief'."""
+    """Fused step: (transition, precision, eta, forget, obs) -> action, belief', surprise.
+
+    ``updated`` is False for a row whose transition or updated belief is not finite; the
+    runtime then keeps that row's old belief (the inputs) and discards the row's action. The
+    check multiplies everything by 0 and sums (NaN for any NaN/inf, else exactly 0): a handful
+    of graph nodes instead of IsNaN/IsInf per tensor, because at batch 1 every node costs
+    about as much as a small matrix product.
+    """
 
     def __init__(
         self,
@@ -108,7 +117,6 @@ class StepGraph(nn.Module):
     def forward(
         self,
         transition: torch.Tensor,
-        valid: torch.Tensor,
         precision: torch.Tensor,
         eta: torch.Tensor,
         forget: torch.Tensor,
@@ -118,15 +126,12 @@ class StepGraph(nn.Module):
         inv = 1.0 / var
         new_prec = self.prior_prec + forget * (precision - self.prior_prec) + inv
         new_eta = forget * eta + mu * inv
-        surprise = ((mu - eta / precision) ** 2 / (1.0 / precision + var)).mean(dim=-1)
-        finite = torch.isfinite(new_prec).all(dim=-1) & torch.isfinite(new_eta).all(dim=-1)
-        ok = valid.squeeze(-1) & finite & (new_prec > 0).all(dim=-1)
-        ok_B1 = ok.unsqueeze(-1)
-        precision_out = torch.where(ok_B1, new_prec, precision)
-        eta_out = torch.where(ok_B1, new_eta, eta)
-        action_norm = self.actor.deterministic(obs, eta_out / precision_out)
-        surprise = torch.where(ok, surprise, torch.zeros_like(surprise))
-        return self.scale(action_norm), action_norm, precision_out, eta_out, surprise, ok
+        d = mu - eta / precision
+        surprise = (d * d / (1.0 / precision + var)).mean(dim=-1)
+        check = (torch.cat([transition, new_prec, new_eta], dim=-1) * 0.0).sum(dim=-1)
+        updated = check == 0.0
+        action_norm = self.actor.deterministic(obs, new_eta / new_prec)
+        return self.scale(action_norm), action_norm, new_prec, new_eta, surprise, updated
 
 
 class EncoderGraph(nn.Module):

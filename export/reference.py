@@ -2,9 +2,8 @@
 
 Random inputs cover what a device can meet: observations over the family's bounds, actions in
 [-1, 1], rewards over a wide range, beliefs from the prior to very confident (precision up to
-1e4 per dimension), forgetting factors in [0.5, 1] and a share of skipped (``valid`` False)
-transitions. Recorded inputs come from the runtime itself during rollouts (see
-:mod:`export.calibrate`).
+1e4 per dimension), forgetting factors in [0.5, 1], and ~2% of transitions with a NaN or inf.
+Recorded inputs come from the runtime itself during rollouts (see :mod:`export.calibrate`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.graphs import STEP_OUTPUTS, Dims, EncoderGraph, PolicyGraph, StepGraph
+from export.graphs import STEP_INPUTS, STEP_OUTPUTS, Dims, EncoderGraph, PolicyGraph, StepGraph
 from runtime.errors import CheckpointError
 from runtime.tasks.base import FamilySpec
 from training.checkpoint import LoadedRun
@@ -43,10 +42,7 @@ def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def torch_step(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the torch step graph on numpy inputs (any batch size), outputs by name."""
-    args = [
-        torch.from_numpy(np.ascontiguousarray(inputs[n]))
-        for n in ("transition", "valid", "precision", "eta", "forget", "obs")
-    ]
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in STEP_INPUTS]
     outs = module(*args)
     return {name: t.numpy() for name, t in zip(STEP_OUTPUTS, outs, strict=True)}
 
@@ -61,12 +57,15 @@ def random_step_inputs(
     act = rng.uniform(-1.0, 1.0, size=(n, dims.act))
     reward = rng.normal(0.0, 2.0, size=(n, 1))
     transition = np.concatenate([obs, act, reward, nxt], axis=1)
+    # ~2% of rows carry a NaN or inf somewhere: the graph must flag them (updated False).
+    bad = rng.random(n) < 0.02
+    cols = rng.integers(0, transition.shape[1], size=n)
+    transition[bad, cols[bad]] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
     precision = 1.0 / prior_var + np.exp(rng.uniform(np.log(1e-3), np.log(1e4), (n, dims.latent)))
     eta = rng.normal(0.0, 1.5, size=(n, dims.latent)) * precision
     forget = np.where(rng.random((n, 1)) < 0.5, 1.0, rng.uniform(0.5, 1.0, (n, 1)))
     return {
         "transition": transition.astype(np.float32),
-        "valid": rng.random((n, 1)) < 0.9,
         "precision": precision.astype(np.float32),
         "eta": eta.astype(np.float32),
         "forget": forget.astype(np.float32),

@@ -115,27 +115,22 @@ class Agent:
         self.bundle_dir = Path(bundle_dir)
         self.config = config or AgentConfig()
         self.graph_name = STEP_GRAPHS[self.config.precision]
-        spec = manifest.graph(self.graph_name)
-        self.session = GraphSession(
-            self.bundle_dir / spec.file,
-            spec,
-            batch=1,
-            providers=providers or manifest.providers,
-            tuning=self.config.tuning,
-            iobinding=self.config.iobinding,
-        )
         self.forget = float(
             self.config.forget if self.config.forget is not None else manifest.forget
         )
         if not 0.0 < self.forget <= 1.0:
             raise InputError(f"forget must be in (0, 1], got {self.forget}")
+        self.session = self._session(self.graph_name, providers)
+        self.policy_session = self._session("policy", providers)
         self._obs_dim, self._act_dim = manifest.obs.dim, manifest.act.dim
         self._act_low = np.asarray(manifest.act.low, dtype=np.float32)
         self._act_high = np.asarray(manifest.act.high, dtype=np.float32)
         self._half = (self._act_high - self._act_low) / 2.0
         self._zero_norm = _zero_action(self._act_low, self._half)
+        self._warn = float(manifest.ood.warn)
         self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
         self.on_event: Callable[[Event], None] | None = None
+        self.batch = 0
         self.reset(1)
         self._warm_up()
 
@@ -162,8 +157,9 @@ class Agent:
     def reset(self, batch: int | None = None) -> None:
         """Forget everything (new task): belief back to the prior; optionally a new batch size."""
         batch = self.batch if batch is None else int(batch)
-        if batch != getattr(self, "batch", None):
+        if batch != self.batch:
             self.session.resize(batch)
+            self.policy_session.resize(batch)
             self.batch = batch
             self._bind_buffers()
         self._prec[:] = 1.0 / self.manifest.prior_var
@@ -174,18 +170,20 @@ class Agent:
         self._surprise = np.zeros(batch, dtype=np.float32)
         self._last_norm = np.repeat(self._zero_norm[None], batch, axis=0)
         self._last_good_obs: np.ndarray | None = None
-        self._cached = False  # outputs hold the action for the obs in the "obs" input
+        self._cache_key: bytes | None = None  # obs whose action the step outputs hold
         self._prev_obs: np.ndarray | None = None  # for step()
         self._t = 0
         ood = self.manifest.ood
         self.monitor = OODMonitor(ood.warn, ood.alarm, batch, self.config.changepoint_patience)
+        self._ood_raised = False
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Deterministic normalized action in [-1, 1]: ``(A,)`` for ``(O,)``, ``(B, A)`` for
         ``(B, O)``. Non-finite observation rows get the safe fallback (and an event)."""
         arr = self._rows(obs, self._obs_dim, "obs")
-        if self._cached and (arr == self._obs_in).all():
-            norm = self._out_norm.copy()
+        key = self._cache_key
+        if key is not None and arr.dtype == np.float32 and arr.tobytes() == key:
+            norm = self._out_norm.copy()  # computed by the step that absorbed the transition
         else:
             norm = self._act_fresh(arr)
         self._last_norm = norm
@@ -202,20 +200,22 @@ class Agent:
         """Absorb one transition per agent; ``action`` is the *normalized* action from
         :meth:`act`. ``done`` only marks the episode end: the belief persists across episodes
         of a task (call :meth:`reset` for a new task). Non-finite transitions are skipped."""
-        o, a, n = self._obs_dim, self._act_dim, self._obs_dim
-        tr = self._tr
-        tr[:, :o] = self._rows(obs, o, "obs")
-        tr[:, o : o + a] = self._rows(action, a, "action")
-        tr[:, o + a] = self._reward(reward)
-        nxt = self._rows(next_obs, n, "next_obs")
-        tr[:, o + a + 1 :] = nxt
-        finite = np.isfinite(tr).all(axis=1)
-        self._valid[:, 0] = finite & self.config.adaptive
-        self._obs_in[:] = nxt
-        if not finite.all():
-            self._refuse_rows(~finite)
+        self._v_obs[...] = self._rows(obs, self._obs_dim, "obs")
+        self._v_act[...] = self._rows(action, self._act_dim, "action")
+        self._v_rew[...] = self._reward(reward)
+        nxt = self._rows(next_obs, self._obs_dim, "next_obs")
+        self._v_next[...] = nxt
+        self._obs_in[...] = nxt
+        self._t += 1
+        self._cache_key = None
+        if not self.config.adaptive:
+            return
         self.session.run()
-        self._absorb(finite)
+        updated = self._updated
+        if updated[0] if self.batch == 1 else updated.all():
+            self._accept_all()
+        else:
+            self._accept_some(updated.copy())
 
     # -- device conveniences -----------------------------------------------------------------
     def act_scaled(self, obs: np.ndarray) -> np.ndarray:
@@ -280,61 +280,101 @@ class Agent:
         return run_self_test(self, steps)
 
     # -- internals ---------------------------------------------------------------------------
+    def _session(self, graph: str, providers: list[str] | None) -> GraphSession:
+        spec = self.manifest.graph(graph)
+        return GraphSession(
+            self.bundle_dir / spec.file,
+            spec,
+            batch=1,
+            providers=providers or self.manifest.providers,
+            tuning=self.config.tuning,
+            iobinding=self.config.iobinding,
+        )
+
     def _bind_buffers(self) -> None:
         ins, outs = self.session.inputs, self.session.outputs
-        self._tr, self._valid, self._obs_in = ins["transition"], ins["valid"], ins["obs"]
+        self._tr, self._obs_in = ins["transition"], ins["obs"]
+        o, a = self._obs_dim, self._act_dim
+        # Views into the transition buffer: (obs, action, reward, next_obs) columns.
+        self._v_obs, self._v_act = self._tr[:, :o], self._tr[:, o : o + a]
+        self._v_rew, self._v_next = self._tr[:, o + a], self._tr[:, o + a + 1 :]
         self._prec, self._eta, self._forget = ins["precision"], ins["eta"], ins["forget"]
         self._out_norm, self._updated = outs["action_norm"], outs["updated"]
         self._out_prec, self._out_eta = outs["precision_out"], outs["eta_out"]
         self._out_surprise = outs["surprise"]
+        pins = self.policy_session.inputs
+        self._p_obs, self._p_z = pins["obs"], pins["z"]
+        self._p_norm = self.policy_session.outputs["action_norm"]
 
-    def _absorb(self, finite: np.ndarray) -> None:
-        updated = self._updated
-        if not updated.all():
-            self._refuse_belief(finite & ~updated)
-        self._count += updated
-        np.copyto(self._prec, self._out_prec)
-        np.copyto(self._eta, self._out_eta)
-        np.copyto(self._surprise, self._out_surprise, where=updated)
-        self._t += 1
-        self._cached = bool(finite.all()) and bool(np.isfinite(self._out_norm).all())
-        if self.config.fallback == "policy" and finite.all():
+    def _accept_all(self) -> None:
+        """Every row's update is finite: it becomes the belief; the outputs' actions are valid
+        for the observation just absorbed. Written with indexing rather than ufunc calls: at
+        batch 1 a numpy ufunc call costs ~1-2 µs, an indexed copy ~0.2 µs."""
+        self._prec[...] = self._out_prec
+        self._eta[...] = self._out_eta
+        self._surprise[...] = self._out_surprise
+        self._cache_key = self._obs_in.tobytes()
+        if self.batch == 1:
+            self._count[0] += 1
+            alert = self._ood_raised or self._out_surprise[0] > self._warn
+        else:
+            self._count += 1
+            alert = self._ood_raised or bool((self._out_surprise > self._warn).any())
+        if self.config.fallback == "policy":
             self._last_good_obs = self._obs_in.copy()
-        if self.monitor.level.any() or (self._out_surprise > self.monitor.warn).any():
-            self._check_ood(updated)
+        if alert:
+            self._check_ood(np.ones(self.batch, dtype=bool))
+
+    def _accept_some(self, updated: np.ndarray) -> None:
+        """Rows whose transition or update is not finite keep their old belief (and count)."""
+        rows = updated
+        self._prec[rows] = self._out_prec[rows]
+        self._eta[rows] = self._out_eta[rows]
+        self._surprise[rows] = self._out_surprise[rows]
+        self._count += rows
+        self._skipped += ~rows
+        finite_input = np.isfinite(self._tr).all(axis=1)
+        log.warning(
+            "step %d: %d transition(s) skipped (non-finite input or update)", self._t, (~rows).sum()
+        )
+        for i in np.flatnonzero(~rows):
+            kind = "nonfinite_belief" if finite_input[i] else "nonfinite_input"
+            self._emit(Event(kind, int(i), self._t, detail="transition skipped"))
+        self._check_ood(rows)
 
     def _check_ood(self, updated: np.ndarray) -> None:
         events, fired = self.monitor.update(self._out_surprise, updated, self._t)
         for ev in events:
             self._emit(ev)
+        self._ood_raised = bool(self.monitor.level.any())
         if self.config.changepoint == "reset" and fired.any():
             self._prec[fired] = 1.0 / self.manifest.prior_var
             self._eta[fired] = 0.0
             self.monitor.reset(fired)
-            self._cached = False
+            self._ood_raised = bool(self.monitor.level.any())
+            self._cache_key = None  # the cached actions were for the pre-reset belief
             for i in np.flatnonzero(fired):
                 self._emit(Event("changepoint_reset", int(i), self._t, float(self._surprise[i])))
 
     def _act_fresh(self, arr: np.ndarray) -> np.ndarray:
-        """Run the step graph without a transition to get actions for ``arr``.
+        """Actions for ``arr`` from the policy graph at the current posterior mean.
 
         Non-finite rows are replaced by the last finite observation (zeros before any), so with
         the "policy" fallback their output already is the policy at the last good observation.
         """
         obs = arr.reshape(self.batch, self._obs_dim)
         good = np.isfinite(obs).all(axis=1)
-        self._valid[:] = False
         if good.all():
-            self._obs_in[:] = obs
+            self._p_obs[:] = obs
         else:
-            self._obs_in[:] = np.where(good[:, None], obs, self._prev_good())
-        self.session.run()
-        self._cached = False
-        norm = self._out_norm.copy()
+            self._p_obs[:] = np.where(good[:, None], obs, self._prev_good())
+        np.divide(self._eta, self._prec, out=self._p_z)
+        self.policy_session.run()
+        norm = self._p_norm.copy()
         usable = good  # rows whose output is the policy at a real observation
         if self.config.fallback == "policy":
             usable = good | (self._last_good_obs is not None)
-            self._last_good_obs = self._obs_in.copy()
+            self._last_good_obs = self._p_obs.copy()
         bad = ~good | ~np.isfinite(norm).all(axis=1)
         if bad.any():
             norm[bad] = self._fallback(bad, norm, usable)
@@ -359,22 +399,9 @@ class Agent:
             return np.zeros((self.batch, self._obs_dim), dtype=np.float32)
         return self._last_good_obs
 
-    def _refuse_rows(self, bad: np.ndarray) -> None:
-        """Inputs with NaN/inf: the graph leaves those rows' belief untouched (valid=False)."""
-        self._skipped += bad
-        self._obs_in[bad] = self._prev_good()[bad]
-        for i in np.flatnonzero(bad):
-            self._emit(Event("nonfinite_input", int(i), self._t, detail="transition skipped"))
-
-    def _refuse_belief(self, rows: np.ndarray) -> None:
-        self._skipped += rows
-        for i in np.flatnonzero(rows):
-            self._emit(Event("nonfinite_belief", int(i), self._t, detail="transition skipped"))
-
     def _emit(self, event: Event) -> None:
         self.events.append(event)
-        level = logging.WARNING if event.kind.startswith("nonfinite") else logging.DEBUG
-        log.log(level, "agent %d step %d: %s %s", event.agent, event.step, event.kind, event.detail)
+        log.debug("agent %d step %d: %s %s", event.agent, event.step, event.kind, event.detail)
         if self.on_event is not None:
             try:
                 self.on_event(event)
@@ -384,17 +411,19 @@ class Agent:
     def _rows(self, x: np.ndarray, width: int, what: str) -> np.ndarray:
         """Validate shape/dtype of an obs or action: ``(width,)`` for one agent, else (B, width)."""
         arr = x if type(x) is np.ndarray else np.asarray(x)
-        ok_shape = arr.shape == (self.batch, width) or (self.batch == 1 and arr.shape == (width,))
-        if arr.dtype.kind != "f" or not ok_shape:
-            want = f"({width},) or (1, {width})" if self.batch == 1 else f"({self.batch}, {width})"
-            raise InputError(
-                f"{what}: expected a float32 array of shape {want}, "
-                f"got {arr.dtype} array of shape {arr.shape}"
-            )
-        return arr
+        shape = arr.shape
+        if arr.dtype.kind == "f" and (
+            shape == (self.batch, width) or (self.batch == 1 and shape == (width,))
+        ):
+            return arr
+        want = f"({width},) or (1, {width})" if self.batch == 1 else f"({self.batch}, {width})"
+        raise InputError(
+            f"{what}: expected a float32 array of shape {want}, "
+            f"got {arr.dtype} array of shape {arr.shape}"
+        )
 
     def _reward(self, reward: float | np.ndarray) -> np.ndarray | float:
-        if isinstance(reward, float | int) and not isinstance(reward, bool) and self.batch == 1:
+        if type(reward) is float and self.batch == 1:
             return reward
         arr = np.asarray(reward)
         if arr.dtype.kind not in "fiu" or arr.size != self.batch or arr.ndim > 2:
@@ -407,6 +436,7 @@ class Agent:
     def _warm_up(self) -> None:
         for _ in range(self.config.warmup):
             self.session.run()
+            self.policy_session.run()
         self.reset()
 
 

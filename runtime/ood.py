@@ -50,6 +50,10 @@ class Level(IntEnum):
     ALARM = 2
 
 
+# Plain ints for the per-step arithmetic (IntEnum attribute access is slow in a hot loop).
+OK, WARN, ALARM = int(Level.OK), int(Level.WARN), int(Level.ALARM)
+
+
 @dataclass
 class OODMonitor:
     """Per-agent threshold-crossing state for a batch of ``batch`` agents."""
@@ -70,7 +74,7 @@ class OODMonitor:
             self.level = np.zeros(self.batch, dtype=np.int8)
             self.streak = np.zeros(self.batch, dtype=np.int64)
         else:
-            self.level[rows] = Level.OK
+            self.level[rows] = OK
             self.streak[rows] = 0
 
     def update(
@@ -80,29 +84,38 @@ class OODMonitor:
 
         Agents whose transition was not absorbed (``updated_B`` False) keep their state.
         """
-        new = np.where(
-            score_B > self.alarm, Level.ALARM, np.where(score_B > self.warn, Level.WARN, Level.OK)
-        ).astype(np.int8)
-        new = np.where(updated_B, new, self.level)
-        events: list[Event] = []
-        if (new != self.level).any():
-            events = self._crossings(new, score_B, step)
-        self.level = new
-        self.streak = np.where(new == Level.ALARM, self.streak + updated_B, 0)
-        fired = self.streak >= self.patience
-        return events, fired
+        if self.batch == 1:
+            return self._update_one(float(score_B[0]), bool(updated_B[0]), step)
+        above_warn = (score_B > self.warn).view(np.int8)
+        new = np.where(updated_B, above_warn + (score_B > self.alarm).view(np.int8), self.level)
+        events = self._crossings(new, score_B, step) if (new != self.level).any() else []
+        self.level = new.astype(np.int8)
+        self.streak = np.where(new == ALARM, self.streak + updated_B, 0)
+        return events, self.streak >= self.patience
+
+    def _update_one(self, score: float, updated: bool, step: int) -> tuple[list[Event], np.ndarray]:
+        """The same for a single agent with Python scalars (the per-step path on a device)."""
+        if not updated:
+            return [], self.streak >= self.patience
+        new = ALARM if score > self.alarm else WARN if score > self.warn else OK
+        events = []
+        if new != self.level[0]:
+            events = self._crossings(np.array([new], dtype=np.int8), np.array([score]), step)
+            self.level[0] = new
+        self.streak[0] = self.streak[0] + 1 if new == ALARM else 0
+        return events, self.streak >= self.patience
 
     def _crossings(self, new: np.ndarray, score_B: np.ndarray, step: int) -> list[Event]:
         events = []
         for i in np.flatnonzero(new != self.level):
             value = float(score_B[i])
             if new[i] > self.level[i]:
-                kind: EventKind = "ood_alarm" if new[i] == Level.ALARM else "ood_warn"
-                limit = self.alarm if new[i] == Level.ALARM else self.warn
+                kind: EventKind = "ood_alarm" if new[i] == ALARM else "ood_warn"
+                limit = self.alarm if new[i] == ALARM else self.warn
                 events.append(
                     Event(kind, int(i), step, value, f"surprise {value:.3g} > {limit:.3g}")
                 )
-            elif new[i] == Level.OK:
+            elif new[i] == OK:
                 events.append(Event("ood_clear", int(i), step, value, "surprise back below warn"))
         return events
 
