@@ -12,3 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+from mqtt_fixtures import broker, collector  # noqa: E402,F401  (telemetry: real Mosquitto)

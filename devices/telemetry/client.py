@@ -144,6 +144,8 @@ class TelemetryClient:
         self._hist_upto = self._queue.last_assigned  # records up to here were offline-buffered
         self._committed_upto = self._queue.last_assigned
         self._last_policy = 0.0
+        self._last_report = 0.0
+        self._drops_pending = bool(self._store.dropped())  # worker-owned after start
         self._counters = dict.fromkeys(
             ("published", "acked", "rejected", "dropped", "cmd_ok", "cmd_rejected", "errors"), 0
         )
@@ -276,6 +278,7 @@ class TelemetryClient:
                 not self._queue
                 and self._store.count == 0
                 and not self._inflight
+                and not self._drops_pending
                 and self._committed_upto >= self._queue.last_assigned
             ),
             timeout_s,
@@ -410,6 +413,7 @@ class TelemetryClient:
             self._store.nonce_prune(now)
             dropped = dropped + expired
         if dropped:
+            self._drops_pending = True
             self._counters["dropped"] += len(dropped)
             log.warning(
                 "outbox policy dropped %d records (seq %d..%d)",
@@ -419,12 +423,15 @@ class TelemetryClient:
             )
 
     def _report_drops(self, now: float) -> None:
-        reports = self._store.dropped()
-        for reason, rep in reports.items():
+        """Turn accumulated drops into ``outbox_dropped`` events, at most once a second."""
+        if not self._drops_pending or now - self._last_report < POLICY_PERIOD_S:
+            return
+        for reason, rep in self._store.dropped().items():
             data = {"reason": reason, "n": rep.n, "first": rep.first, "last": rep.last}
             self._queue.put(RecordKind.EVENT, now, (EventType.OUTBOX_DROPPED, data))
-        if reports:
-            self._store.clear_dropped()
+        self._store.clear_dropped()
+        self._drops_pending = False
+        self._last_report = now
 
     def _publish_due(self, now: float) -> None:
         cfg = self.config

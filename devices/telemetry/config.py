@@ -32,7 +32,10 @@ class TelemetryConfig(BaseModel):
     )
     max_inflight: int = Field(16, ge=1, le=1000, description="messages awaiting PUBACK, at most")
     max_records: int = Field(
-        100_000, ge=1, description="outbox bound (rows); beyond it the oldest telemetry is dropped"
+        100_000,
+        ge=1,
+        description="outbox bound in telemetry rows; beyond it the oldest telemetry is dropped "
+        "(events and acks are not counted and never dropped by the bound)",
     )
     telemetry_ttl_s: float = Field(86_400, gt=0, description="telemetry older than this is dropped")
     event_ttl_s: float = Field(

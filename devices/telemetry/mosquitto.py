@@ -59,6 +59,7 @@ def basic_config(port: int, data_dir: Path, *, save_on_every_change: bool = True
         else ("autosave_interval 1")
     )
     return (
+        f"{run_as_self()}"
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
         "persistence true\n"
@@ -69,6 +70,12 @@ def basic_config(port: int, data_dir: Path, *, save_on_every_change: bool = True
         "log_type error\nlog_type warning\nlog_type notice\n"
         "log_dest stderr\n"
     )
+
+
+def run_as_self() -> str:
+    """Config line that keeps a root-started broker from switching to user ``mosquitto``
+    (which could not write to our private directories)."""
+    return "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
 
 
 class Mosquitto:

@@ -126,6 +126,9 @@ class OutboxStore:
         self._db = conn
         self.path = path
         self.count = int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self.telemetry_count = int(
+            conn.execute("SELECT COUNT(*) FROM outbox WHERE kind = 0").fetchone()[0]
+        )
 
     @classmethod
     def open(cls, path: str | Path, sync: Sync = "normal") -> OutboxStore:
@@ -185,6 +188,7 @@ class OutboxStore:
             "INSERT INTO outbox (seq, kind, boot, t, body) VALUES (?,?,?,?,?)", rows
         )
         self.count += len(rows)
+        self.telemetry_count += sum(1 for r in rows if r.kind == RecordKind.TELEMETRY)
         self.set_meta("next_seq", str(rows[-1].seq + 1))
 
     def fetch_after(self, seq: int, limit: int) -> list[OutboxRow]:
@@ -197,18 +201,21 @@ class OutboxStore:
 
     def delete_range(self, first: int, last: int) -> int:
         """Delete rows ``first..last`` (acknowledged by the broker); return how many."""
-        n = self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last)).rowcount
-        self.count -= n
-        return n
+        kinds = self._db.execute(
+            "DELETE FROM outbox WHERE seq BETWEEN ? AND ? RETURNING kind", (first, last)
+        ).fetchall()
+        self.count -= len(kinds)
+        self.telemetry_count -= sum(1 for (k,) in kinds if k == RecordKind.TELEMETRY)
+        return len(kinds)
 
     def enforce_bound(self, max_records: int, protect_upto: int) -> list[int]:
-        """Drop the oldest telemetry rows until at most ``max_records`` remain.
+        """Drop the oldest telemetry rows until at most ``max_records`` telemetry rows remain.
 
-        Events and acks are never dropped here (so the bound can be exceeded by them alone);
-        rows with ``seq <= protect_upto`` are already handed to the network layer and are kept.
-        Returns the dropped sequence numbers.
+        Events and acks do not count towards the bound and are never dropped by it (only by
+        their TTL). Rows with ``seq <= protect_upto`` were already handed to the network layer
+        and are kept. Returns the dropped sequence numbers.
         """
-        excess = self.count - max_records
+        excess = self.telemetry_count - max_records
         if excess <= 0:
             return []
         cur = self._db.execute(
@@ -216,7 +223,10 @@ class OutboxStore:
             "ORDER BY seq LIMIT ?) RETURNING seq",
             (int(RecordKind.TELEMETRY), protect_upto, excess),
         )
-        return self._account([r[0] for r in cur])
+        dropped = sorted(r[0] for r in cur)
+        self.count -= len(dropped)
+        self.telemetry_count -= len(dropped)
+        return dropped
 
     def expire(self, kind_cutoffs: dict[RecordKind, float], protect_upto: int) -> list[int]:
         """Drop rows older than their kind's cutoff time (unix s); returns dropped seqs."""
@@ -226,8 +236,12 @@ class OutboxStore:
                 "DELETE FROM outbox WHERE kind = ? AND t < ? AND seq > ? RETURNING seq",
                 (int(kind), cutoff, protect_upto),
             )
-            dropped += [r[0] for r in cur]
-        return self._account(dropped)
+            seqs = [r[0] for r in cur]
+            self.count -= len(seqs)
+            if kind == RecordKind.TELEMETRY:
+                self.telemetry_count -= len(seqs)
+            dropped += seqs
+        return sorted(dropped)
 
     def pending_counts(self) -> dict[str, int]:
         """Rows per kind name (for status and tests)."""
@@ -279,7 +293,3 @@ class OutboxStore:
     def set_meta(self, key: str, value: str) -> None:
         """Set a value of the ``meta`` table."""
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
-    def _account(self, seqs: list[int]) -> list[int]:
-        self.count -= len(seqs)
-        return sorted(seqs)
