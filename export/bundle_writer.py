@@ -271,10 +271,21 @@ def _provenance(
         "onnxruntime_version": onnxruntime.__version__,
         "calibration": {"split": "train", "rows": recording.rows, "seed": CALIBRATION_SEED},
         "eval": {"tasks": cfg.eval.tasks, "episodes": cfg.eval.episodes},
+        "flops_per_step": {name: matrix_flops(m) for name, m in reference_modules(run).items()},
     }
     if int8 is not None:
         out["int8"] = int8
     return out
+
+
+def matrix_flops(module: torch.nn.Module) -> int:
+    """FLOPs of one batch-1 call counted over Linear layers (2 * in * out each); the
+    elementwise belief arithmetic adds a few dozen more and is left out."""
+    return sum(
+        2 * m.in_features * m.out_features
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
 
 
 def _final_metrics(run_dir: Path) -> dict[str, Any]:

@@ -26,23 +26,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from runtime.bundle import Manifest, load_verified
 from runtime.errors import EdgeadaptError
-from runtime.evaluation import (
-    EvalReport,
-    RandomPolicy,
-    held_out_tasks,
-    normalize,
-    rollout,
-)
 from runtime.ood import Event, OODMonitor
 from runtime.posterior import Belief, entropy
 from runtime.providers import SessionTuning
 from runtime.session import GraphSession
+
+if TYPE_CHECKING:
+    from runtime.evaluation import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -458,10 +454,12 @@ def evaluate_bundle(
     eval_cfg = manifest.provenance.get("eval", {})
     n = int(tasks or (eval_cfg.get("tasks", 20) if isinstance(eval_cfg, dict) else 20))
     episodes = int(episodes or (eval_cfg.get("episodes", 3) if isinstance(eval_cfg, dict) else 3))
-    config = config or AgentConfig()
     from dataclasses import replace
 
+    from runtime.evaluation import EvalReport, RandomPolicy, held_out_tasks, normalize, rollout
     from runtime.tasks import make_family
+
+    config = config or AgentConfig()
 
     env = manifest.env
     family = make_family(env, 1)

@@ -1,0 +1,87 @@
+"""The bundle's step rebuilt in torch eager from the ONNX weights (for ``bench runtime``).
+
+The legacy exporter keeps parameter names (``encoder.net.0.weight``, ``actor.net.0.weight``,
+...), so the torch networks are rebuilt with the same classes and loaded from the graph's
+initializers: the comparison is the same model, not a look-alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from export.graphs import StepGraph
+from runtime.bundle import read_manifest
+from runtime.tasks import make_family
+from training.networks import ContextEncoder, TanhGaussianActor
+
+
+def step_module_from_bundle(bundle_dir: str | Path) -> StepGraph:
+    """A torch :class:`StepGraph` carrying the weights of the bundle's ``step.onnx``."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    model = onnx.load(str(bundle_dir / manifest.graph("step").file))
+    weights = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer
+    }
+    spec = make_family(manifest.env, 1).spec
+    o, a, z = manifest.obs.dim, manifest.act.dim, manifest.latent_dim
+    encoder = ContextEncoder(o, a, z, _hidden(weights, "encoder.net"), manifest.min_var)
+    actor = TanhGaussianActor(o, z, a, _hidden(weights, "actor.net"))
+    encoder.load_state_dict(_strip(weights, "encoder."))
+    actor.load_state_dict(_strip(weights, "actor."))
+    return StepGraph(encoder, actor, spec, manifest.prior_var).eval()
+
+
+class TorchStepper:
+    """Times the torch step (numpy in, numpy out, one thread) along a trajectory: the torch
+    analog of one runtime act + observe. Each :meth:`run` call continues where the last ended.
+    """
+
+    def __init__(self, bundle_dir: str | Path, traj: dict[str, np.ndarray], threads: int = 1):
+        torch.set_num_threads(threads)
+        self.module = step_module_from_bundle(bundle_dir)
+        manifest = read_manifest(bundle_dir)
+        z = manifest.latent_dim
+        self.prec = torch.full((1, z), 1.0 / manifest.prior_var)
+        self.eta = torch.zeros((1, z))
+        self.forget = torch.full((1, 1), manifest.forget)
+        self.traj = traj
+        self.pos = 0
+        self.run(200)  # warm-up
+
+    @torch.no_grad()
+    def run(self, steps: int) -> np.ndarray:
+        """Time ``steps`` more steps (µs each)."""
+        traj, n = self.traj, len(self.traj["obs"])
+        out = np.empty(steps)
+        action = np.zeros(1)
+        for i in range(steps):
+            j = (self.pos + i) % n
+            t0 = time.perf_counter_ns()
+            row = np.concatenate([traj["obs"][j], traj["act"][j], traj["rew"][j], traj["next"][j]])
+            obs = torch.from_numpy(traj["next"][j][None])
+            res = self.module(torch.from_numpy(row[None]), self.prec, self.eta, self.forget, obs)
+            action, self.prec, self.eta = res[1].numpy(), res[2], res[3]
+            out[i] = time.perf_counter_ns() - t0
+        self.pos += steps
+        if not np.isfinite(action).all():
+            raise RuntimeError("torch reference produced a non-finite action")
+        return out / 1e3
+
+
+def _hidden(weights: dict[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
+    """Hidden widths of an ``mlp`` from its Linear weights ``prefix.{0,2,4,...}.weight``."""
+    idx = sorted(
+        int(k.split(".")[-2]) for k in weights if k.startswith(prefix) and k.endswith("weight")
+    )
+    return tuple(int(weights[f"{prefix}.{i}.weight"].shape[0]) for i in idx[:-1])
+
+
+def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
