@@ -177,7 +177,11 @@ def verify_command(
 ) -> Command:
     """The verified command, or raise :class:`CommandRejected` with the first failed check."""
     kid, body_text, sig = _envelope(payload)
-    _check_signature(keys, kid, body_text, sig)
+    try:
+        _check_signature(keys, kid, body_text, sig)
+    except CommandRejected as exc:
+        exc.nonce, exc.name = _peek(body_text)  # unverified, only echoed back in the ack
+        raise
     body = _body(body_text)
     cmd = _command(body, kid)
     if cmd.fleet != fleet or cmd.device != device:
@@ -214,6 +218,17 @@ def _check_signature(keys: dict[str, Ed25519PublicKey], kid: str, body: str, sig
         key.verify(base64.b64decode(sig, validate=True), body.encode())
     except (InvalidSignature, ValueError):
         raise CommandRejected(Reason.BAD_SIGNATURE) from None
+
+
+def _peek(text: str) -> tuple[str | None, str | None]:
+    """Nonce and command name of an unverified body, when they look valid."""
+    try:
+        body = json.loads(text)
+        nonce, name = body.get("nonce"), body.get("cmd")
+    except (ValueError, AttributeError):
+        return None, None
+    ok = isinstance(nonce, str) and NONCE_PATTERN.match(nonce) and isinstance(name, str)
+    return (nonce, name[:64]) if ok else (None, None)
 
 
 def _body(text: str) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+"""CLI: ``collect``, ``telemetry stats|plot``, ``command`` and ``bench telemetry``.
+
+Top-level imports are stdlib only; handlers import paho, sqlite and matplotlib when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+ACTIONS = ("reset-belief", "set-mode", "rebirth")
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add the telemetry subcommands to the ``edgeadapt`` parser."""
+    p = sub.add_parser("collect", help="store a fleet's MQTT telemetry in SQLite (dedup, gaps)")
+    _broker_args(p)
+    p.add_argument("--db", required=True, help="collector database (SQLite), created if missing")
+    p.add_argument("--fleet", default="+", help="fleet to collect ('+': all)")
+    p.add_argument("--share", metavar="GROUP", help="MQTT 5 shared subscription group")
+    p.add_argument("--client-id", default="edgeadapt-collector", help="stable id (session)")
+    p.add_argument("--session-expiry", type=int, default=86_400, help="broker session (s)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(handler=cmd_collect)
+
+    tel = sub.add_parser("telemetry", help="inspect a collector database")
+    tsub = tel.add_subparsers(dest="telemetry_command", metavar="WHAT", required=True)
+    p = tsub.add_parser("stats", help="per device: received, max_seq, gaps, duplicates, online")
+    p.add_argument("--db", required=True, help="collector database")
+    p.add_argument("--device", help="only this device")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_stats)
+    p = tsub.add_parser("plot", help="PNG: reward, belief mean with its band, OOD score")
+    p.add_argument("--db", required=True, help="collector database")
+    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.set_defaults(handler=cmd_plot)
+
+    p = sub.add_parser("command", help="send a signed command to a device and wait for its ack")
+    p.add_argument("device", help="device id")
+    p.add_argument("action", choices=ACTIONS)
+    p.add_argument("value", nargs="?", help="set-mode: safe | adaptive")
+    _broker_args(p)
+    p.add_argument("--fleet", default="default", help="the device's fleet")
+    p.add_argument("--key", required=True, help="fleet command private key (PEM, Ed25519)")
+    p.add_argument("--ttl", type=float, default=60.0, help="command lifetime (s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="wait for the ack (s)")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the ack")
+    p.set_defaults(handler=cmd_command)
+
+    p = bench.add_parser("telemetry", help="MQTT telemetry throughput, latency, fleet of devices")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--records", type=int, default=200_000, help="records for the throughput run")
+    p.add_argument("--latency-seconds", type=float, default=10.0, help="100 Hz latency run (s)")
+    p.add_argument("--devices", type=int, default=100, help="simulated devices in the fleet run")
+    p.add_argument("--fleet-rate", type=float, default=50.0, help="Hz per simulated device")
+    p.add_argument("--fleet-seconds", type=float, default=60.0, help="fleet run duration (s)")
+    p.add_argument("--processes", type=int, default=4, help="processes hosting the fleet")
+    p.add_argument("--skip-fleet", action="store_true", help="skip the fleet run")
+    p.set_defaults(handler=cmd_bench)
+
+
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
+    p.add_argument("--username", help="broker username")
+    p.add_argument("--password", help="password (default: $EDGEADAPT_MQTT_PASSWORD)")
+    p.add_argument("--ca-file", help="CA certificates to verify the broker (mqtts)")
+    p.add_argument("--cert-file", help="client certificate (PEM)")
+    p.add_argument("--key-file", help="client certificate key (PEM)")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version")
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from devices.telemetry.transport import parse_broker_url
+
+    return parse_broker_url(
+        args.broker, username=args.username, password=args.password, ca_file=args.ca_file,
+        cert_file=args.cert_file, key_file=args.key_file, protocol=args.protocol,
+    )  # fmt: skip
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Run a collector until SIGINT/SIGTERM (or ``--duration``); print its counters."""
+    import signal
+    import threading
+    from dataclasses import asdict
+
+    from devices.telemetry.collector import Collector
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    collector = Collector(
+        _broker(args), args.db, fleet=args.fleet, share_group=args.share,
+        client_id=args.client_id, session_expiry_s=args.session_expiry,
+    ).start()  # fmt: skip
+    try:
+        stop.wait(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+    print(json.dumps(asdict(collector.counters)))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print per-device figures of a collector database."""
+    from devices.telemetry import collector_db
+
+    conn = _open_db(args.db)
+    try:
+        devices = collector_db.device_stats(conn)
+        malformed = collector_db.malformed_total(conn)
+    finally:
+        conn.close()
+    if args.device:
+        devices = {k: v for k, v in devices.items() if k == args.device}
+    if args.json:
+        print(json.dumps({"devices": devices, "malformed": malformed}, indent=2))
+        return 0
+    cols = ("received", "max_seq", "gaps", "duplicates_dropped", "online", "boots")
+    print(f"{'device':<24}" + "".join(f"{c:>20}" for c in cols))
+    for name, d in devices.items():
+        print(f"{name:<24}" + "".join(f"{d.get(c)!s:>20}" for c in cols))
+    print(f"malformed messages dropped: {malformed}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a device's reward, belief and OOD score over time into a PNG."""
+    from devices.telemetry.plot import plot_device
+
+    conn = _open_db(args.db)
+    try:
+        n = plot_device(conn, args.device, args.out)
+    finally:
+        conn.close()
+    print(f"wrote {args.out} ({n} telemetry records)")
+    return 0
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    """Sign and send a command; exit 0 when the device acknowledged it with ``ok``."""
+    from devices.telemetry.commands_proto import COMMANDS, load_private_key
+    from devices.telemetry.sender import send_command
+    from devices.telemetry.topics import check_id
+    from runtime.errors import ConfigError
+
+    spec = COMMANDS[args.action]
+    if spec and args.value not in next(iter(spec.values())):
+        raise ConfigError(f"{args.action} needs one of {next(iter(spec.values()))}")
+    if not spec and args.value is not None:
+        raise ConfigError(f"{args.action} takes no value")
+    cmd_args = {next(iter(spec)): args.value} if spec else {}
+    result = send_command(
+        _broker(args), check_id(args.fleet, "fleet"), check_id(args.device, "device"),
+        args.action, cmd_args, load_private_key(args.key), ttl_s=args.ttl,
+        timeout_s=args.timeout, wait_ack=not args.no_wait,
+    )  # fmt: skip
+    print(json.dumps(result))
+    return 0 if result["status"] in ("ok", "sent") else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the telemetry benchmark against a private Mosquitto; print JSON."""
+    from devices.telemetry.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        records=args.records, latency_seconds=args.latency_seconds, devices=args.devices,
+        fleet_rate_hz=args.fleet_rate, fleet_seconds=args.fleet_seconds,
+        processes=args.processes, fleet=not args.skip_fleet,
+    )  # fmt: skip
+    result = run_bench(opts, progress=not args.json)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _open_db(path: str) -> Any:
+    import sqlite3
+    from pathlib import Path
+
+    from devices.telemetry import collector_db
+    from runtime.errors import EdgeadaptError
+
+    if not Path(path).is_file():
+        raise EdgeadaptError(f"no collector database at {path}")
+    conn = collector_db.connect(path, readonly=True)
+    try:
+        conn.execute("SELECT COUNT(*) FROM records").fetchone()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise EdgeadaptError(f"{path} is not a collector database ({exc})") from None
+    return conn
