@@ -31,9 +31,9 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from devices.health import run_health_gate
+from devices.health import StartMethod, run_health_gate
 from devices.profiles import DeviceProfile, load_profile
 from devices.slots import (
     SLOTS,
@@ -87,7 +87,7 @@ CRASH_POINTS = (
     "copied",
     "staged",
     "health-running",
-    "marked-good",
+    "health-passed",
     "switched",
     "committed",
 )
@@ -117,6 +117,11 @@ class FlashResult:
         return out
 
 
+class _GateOptions(NamedTuple):
+    timeout_s: float | None
+    start_method: StartMethod
+
+
 class _Refused(Exception):
     """Internal: a flash step failed for ``reason``; unwinds to :func:`flash`."""
 
@@ -133,19 +138,23 @@ def flash(
     pubkey: str | Path | None = None,
     *,
     health_timeout_s: float | None = None,
+    health_start: StartMethod = "spawn",
 ) -> FlashResult:
     """Flash ``bundle_dir`` into the inactive slot of ``device_root`` and activate it.
 
     ``pubkey`` may name the key to check the signature with when the device has none
     configured (the signature is then required); when the device has a key, ``pubkey`` must be
-    that same key. ``health_timeout_s`` overrides the profile's gate timeout (s). Raises
+    that same key. ``health_timeout_s`` overrides the profile's gate timeout (s);
+    ``health_start`` is how the gate child starts (see ``devices.health.run_health_gate``). Raises
     :class:`DeviceError` only when the device root itself is unusable or busy.
     """
     root = Path(device_root)
     read_device_info(root)
     with device_lock(root):
         recover(root)
-        return flash_with_lock_held(Path(bundle_dir), root, pubkey, health_timeout_s)
+        return flash_with_lock_held(
+            Path(bundle_dir), root, pubkey, health_timeout_s, health_start=health_start
+        )
 
 
 def flash_with_lock_held(
@@ -156,6 +165,7 @@ def flash_with_lock_held(
     *,
     source: str | None = None,
     start: float | None = None,
+    health_start: StartMethod = "spawn",
 ) -> FlashResult:
     """:func:`flash` for a caller that already holds the device lock (e.g. a remote update).
 
@@ -165,7 +175,8 @@ def flash_with_lock_held(
     start = time.perf_counter() if start is None else start
     source = str(src) if source is None else source
     try:
-        result = _flash_steps(src, root, pubkey, health_timeout_s, start)
+        gate = _GateOptions(health_timeout_s, health_start)
+        result = _flash_steps(src, root, pubkey, gate, start)
     except _Refused as refused:
         return refusal(root, refused.stage, refused.reason, source, start)
     return replace(result, source=source)
@@ -201,7 +212,7 @@ def rollback(device_root: str | Path) -> FlashResult:
             _record_failure(root, "rollback", reason, str(root))
             raise DeviceError(f"rollback refused: {reason}")
         write_active(root, target)
-        _record_activation(root, target, f"rollback from {active} to {target}", "rollback")
+        _commit(root, target, f"rollback from {active} to {target}", "rollback")
     log.info("rolled back %s: slot %s -> %s", root, active, target)
     return FlashResult(
         ok=True,
@@ -237,27 +248,50 @@ def check_compatibility(
 
 
 def recover(root: Path) -> None:
-    """Clean up after a flash that was killed: call with the device lock held.
+    """Finish or undo what a killed flash left behind: call with the device lock held.
 
-    Removes temporary files and marks a non-active slot that was left ``staging`` or ``staged``
-    as failed, recording the interruption as the last failure.
+    Removes temporary files. An active slot still ``staged`` (killed between the pointer switch
+    and the commit; its health gate passed) is committed as good. A non-active slot left
+    ``staging`` or ``staged`` is marked failed and the interruption recorded as the last failure.
     """
     remove_stale_tmp(root)
     active = read_active(root)
     state = read_state(root)
+    if active is not None and _awaiting_commit(state.slots[active]):
+        _commit(root, active, f"completed the interrupted flash into slot {active}", "recover")
+        state = read_state(root)
     for slot in SLOTS:
         record = state.slots[slot]
         if slot == active or record.status not in ("staging", "staged"):
             continue
         reason = f"flash of {record.bundle_id or 'a bundle'} into slot {slot} was interrupted"
-        failed = record.model_copy(
-            update={"status": "failed", "reason": reason, "updated": now_iso()}
-        )
+        update = {"status": "failed", "reason": reason, "updated": now_iso()}
         failure = Failure(time=now_iso(), stage="interrupted", reason=reason)
-        state = state.with_slot(slot, failed).with_failure(failure, slot)
+        state = state.with_slot(slot, record.model_copy(update=update)).with_failure(failure, slot)
         log.warning("%s: %s", root, reason)
     if state != read_state(root):
         write_state(root, state)
+
+
+def boot(device_root: str | Path) -> Path:
+    """What a field runner calls at start: the verified bundle to run, after recovery.
+
+    Takes the device lock, finishes an interrupted flash (:func:`recover`), and returns the
+    active slot's directory if it verifies. If it no longer does (storage corruption) and the
+    other slot holds a good bundle that verifies, the pointer is switched back to it and the
+    failure recorded. Raises :class:`DeviceError` when no slot can run.
+    """
+    root = Path(device_root)
+    read_device_info(root)
+    with device_lock(root):
+        recover(root)
+        active = read_active(root)
+        if active is None:
+            raise DeviceError(f"{root}: no active bundle (nothing flashed yet)")
+        problems = verify_slot(root, active)
+        if not problems:
+            return slot_dir(root, active)
+        return _fall_back(root, active, f"active slot {active} fails verification: {problems[0]}")
 
 
 def manifest_sha256(bundle_dir: Path) -> str:
@@ -267,7 +301,7 @@ def manifest_sha256(bundle_dir: Path) -> str:
 
 # -- the flash steps -------------------------------------------------------------------------
 def _flash_steps(
-    src: Path, root: Path, pubkey: str | Path | None, timeout_s: float | None, start: float
+    src: Path, root: Path, pubkey: str | Path | None, gate: _GateOptions, start: float
 ) -> FlashResult:
     key = _effective_key(root, pubkey)
     manifest = _verify_source(src, key)
@@ -282,7 +316,7 @@ def _flash_steps(
         return _result_unchanged(src, active, manifest, start)
     target = other_slot(active)
     _stage(src, root, target, manifest, digest)
-    health = _health(root, target, profile, timeout_s)
+    health = _health(root, target, profile, gate)
     _activate(root, target, manifest, health)
     log.info("flashed %s %s into slot %s of %s", manifest.bundle_id, manifest.version, target, root)
     return FlashResult(
@@ -351,15 +385,16 @@ def _stage(src: Path, root: Path, slot: SlotName, manifest: Manifest, digest: st
 
 
 def _health(
-    root: Path, slot: SlotName, profile: DeviceProfile, timeout_s: float | None
+    root: Path, slot: SlotName, profile: DeviceProfile, gate: _GateOptions
 ) -> HealthSummary:
     health = run_health_gate(
         slot_dir(root, slot),
         device_profile_path(root),
         pubkey_path(root),
-        timeout_s if timeout_s is not None else profile.health_timeout_s,
+        gate.timeout_s if gate.timeout_s is not None else profile.health_timeout_s,
         cache_dir=root / CACHE_DIR,
         on_started=lambda: _crash_point("health-running"),
+        start_method=gate.start_method,
     )
     if not health.passed:
         reason = "health gate failed: " + "; ".join(health.reasons or ["no reason given"])
@@ -374,17 +409,20 @@ def _health(
 
 
 def _activate(root: Path, slot: SlotName, manifest: Manifest, health: HealthSummary) -> None:
-    """Mark ``slot`` good, switch the pointer to it, then record the activation."""
+    """Record the passed gate, switch the pointer to ``slot``, then mark it good (commit).
+
+    Killed between the switch and the commit, the pointer names a ``staged`` slot whose health
+    gate passed: :func:`recover` completes the commit.
+    """
     record = read_state(root).slots[slot]
-    _set_slot(root, slot, record.model_copy(update={"status": "good", "health": health}))
-    _crash_point("marked-good")
+    _set_slot(root, slot, record.model_copy(update={"health": health}))
+    _crash_point("health-passed")
     try:
         write_active(root, slot)
     except OSError as exc:
         raise _Refused("switch", f"switching the pointer failed: {exc}") from None
     _crash_point("switched")
-    detail = f"flashed {manifest.bundle_id} {manifest.version}"
-    _record_activation(root, slot, detail, "flash")
+    _commit(root, slot, f"flashed {manifest.bundle_id} {manifest.version}", "flash")
     _crash_point("committed")
 
 
@@ -423,11 +461,36 @@ def _set_slot(root: Path, slot: SlotName, record: SlotRecord) -> None:
     write_state(root, read_state(root).with_slot(slot, record))
 
 
-def _record_activation(root: Path, slot: SlotName, detail: str, kind: EventKind) -> None:
+def _fall_back(root: Path, active: SlotName, reason: str) -> Path:
+    """Switch from a broken active slot to the other one if it is good and verifies."""
+    fallback = other_slot(active)
+    refused = _rollback_refusal(root, active, fallback, read_state(root).slots[fallback])
+    if refused is not None:
+        _record_failure(root, "boot", f"{reason}; no fallback: {refused}", str(root))
+        raise DeviceError(f"{root}: {reason}; no fallback ({refused})")
+    _mark_failed(root, active, reason)
+    write_active(root, fallback)
+    _commit(root, fallback, f"{reason}; fell back to slot {fallback}", "rollback")
+    _record_failure(root, "boot", f"{reason}; fell back to slot {fallback}", str(root))
+    return slot_dir(root, fallback)
+
+
+def _commit(root: Path, slot: SlotName, detail: str, kind: EventKind) -> None:
+    """Mark the (now active) ``slot`` good and record the activation in the history."""
     state = read_state(root)
-    record = state.slots[slot].model_copy(update={"activated": now_iso()})
+    update = {"status": "good", "activated": now_iso(), "reason": None}
+    record = state.slots[slot].model_copy(update=update)
     event = Event(time=now_iso(), kind=kind, slot=slot, detail=detail)
     write_state(root, state.with_slot(slot, record).with_event(event))
+
+
+def _awaiting_commit(record: SlotRecord) -> bool:
+    return record.status == "staged" and record.health is not None and record.health.passed
+
+
+def _mark_failed(root: Path, slot: SlotName, reason: str) -> None:
+    update = {"status": "failed", "reason": reason}
+    _set_slot(root, slot, read_state(root).slots[slot].model_copy(update=update))
 
 
 def _record_failure(root: Path, stage: str, reason: str, source: str) -> None:

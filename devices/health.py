@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import resource
 import signal
@@ -19,11 +20,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from devices.profiles import DeviceProfile, check_budget, load_profile
-from devices.slots import HealthSummary
+from devices.slots import HealthSummary, close_inherited_locks
 
 if TYPE_CHECKING:
     from runtime.agent import AgentConfig
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 #: Last line of stdout the child prints, prefixed so that stray library output cannot pass for
 #: a result.
 RESULT_PREFIX = "EDGEADAPT-HEALTH "
+StartMethod = Literal["spawn", "fork"]
 
 
 def run_health_gate(
@@ -43,31 +46,31 @@ def run_health_gate(
     timeout_s: float,
     cache_dir: Path | None = None,
     on_started: Callable[[], None] | None = None,
+    start_method: StartMethod = "spawn",
 ) -> HealthSummary:
     """Run the gate in a child process; never raises for a failing bundle.
 
     ``timeout_s`` bounds the whole child (s); ``cache_dir`` holds TensorRT engines built on the
     device; ``on_started`` is called once the child runs (a test hook for crash injection).
+    ``start_method`` "spawn" starts a fresh interpreter (``python -m devices.health``: nothing
+    inherited, safe from a multi-threaded runner); "fork" forks this process, which skips the
+    interpreter start and imports (fast; only for single-threaded callers such as tests).
     """
-    cmd = [sys.executable, "-m", "devices.health", str(bundle_dir), "--profile", str(profile_path)]
-    cmd += ["--parent-pid", str(os.getpid())]
-    if pubkey is not None:
-        cmd += ["--pubkey", str(pubkey)]
-    if cache_dir is not None:
-        cmd += ["--cache-dir", str(cache_dir)]
+    args = GateArgs(bundle_dir, profile_path, pubkey, cache_dir, os.getpid())
     start = time.perf_counter()
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env()
-    ) as child:
-        if on_started is not None:
-            on_started()
-        try:
-            out, err = child.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            return _failed(f"health gate timed out after {timeout_s:g} s", start)
-    return _parse_result(child.returncode, out, err, start)
+    if start_method == "fork":
+        return _run_forked(args, timeout_s, on_started, start)
+    return _run_spawned(args, timeout_s, on_started, start)
+
+
+class GateArgs(NamedTuple):
+    """What the gate child needs."""
+
+    bundle_dir: Path
+    profile_path: Path
+    pubkey: Path | None
+    cache_dir: Path | None
+    parent_pid: int
 
 
 def check_bundle(
@@ -130,21 +133,80 @@ def peak_rss_mb() -> float:
 
 # -- child process ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child: print one ``RESULT_PREFIX`` JSON line, exit 0 if passed."""
+    """Entry point of the spawned child: print one ``RESULT_PREFIX`` JSON line, exit 0 if passed."""
     parser = argparse.ArgumentParser(prog="python -m devices.health")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--pubkey", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
-    args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
-    try:
-        summary = check_bundle(args.bundle, args.profile, args.pubkey, args.cache_dir)
-    except Exception as exc:  # any load or run error is a failed gate, reported as such
-        summary = HealthSummary(passed=False, reasons=[f"{type(exc).__name__}: {exc}"])
+    ns = parser.parse_args(argv)
+    args = GateArgs(ns.bundle, ns.profile, ns.pubkey, ns.cache_dir, ns.parent_pid)
+    summary = _child_gate(args)
     print(RESULT_PREFIX + summary.model_dump_json(), flush=True)
     return 0 if summary.passed else 1
+
+
+def _child_gate(args: GateArgs) -> HealthSummary:
+    _die_with_parent(args.parent_pid)
+    try:
+        return check_bundle(args.bundle_dir, args.profile_path, args.pubkey, args.cache_dir)
+    except Exception as exc:  # any load or run error is a failed gate, reported as such
+        return HealthSummary(passed=False, reasons=[f"{type(exc).__name__}: {exc}"])
+
+
+def _run_spawned(
+    args: GateArgs, timeout_s: float, on_started: Callable[[], None] | None, start: float
+) -> HealthSummary:
+    cmd = [sys.executable, "-m", "devices.health", str(args.bundle_dir)]
+    cmd += ["--profile", str(args.profile_path), "--parent-pid", str(args.parent_pid)]
+    if args.pubkey is not None:
+        cmd += ["--pubkey", str(args.pubkey)]
+    if args.cache_dir is not None:
+        cmd += ["--cache-dir", str(args.cache_dir)]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env()
+    ) as child:
+        if on_started is not None:
+            on_started()
+        try:
+            out, err = child.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            return _failed(f"health gate timed out after {timeout_s:g} s", start)
+    return _parse_result(child.returncode, out, err, start)
+
+
+def _run_forked(
+    args: GateArgs, timeout_s: float, on_started: Callable[[], None] | None, start: float
+) -> HealthSummary:
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_forked_main, args=(sender, args), daemon=True)
+    child.start()
+    sender.close()
+    if on_started is not None:
+        on_started()
+    try:
+        if not receiver.poll(timeout_s):
+            child.kill()
+            child.join()
+            return _failed(f"health gate timed out after {timeout_s:g} s", start)
+        payload = receiver.recv_bytes()
+    except EOFError:  # the child died without answering
+        child.join()
+        return _failed(f"health gate child died (exit code {child.exitcode})", start)
+    finally:
+        receiver.close()
+    child.join()
+    return HealthSummary.model_validate_json(payload)
+
+
+def _forked_main(sender: Connection, args: GateArgs) -> None:
+    close_inherited_locks()
+    sender.send_bytes(_child_gate(args).model_dump_json().encode())
+    sender.close()
 
 
 def _die_with_parent(parent_pid: int | None) -> None:

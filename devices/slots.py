@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -68,6 +69,10 @@ SLOTS_DIR = "slots"
 TMP_SUFFIX = ".tmp"
 SCHEMA_VERSION = 1
 HISTORY_LEN = 20
+#: How long (s) to wait for the device lock before reporting the device busy.
+LOCK_WAIT_S = 10.0
+#: Lock descriptors this process holds (closed in forked children, see close_inherited_locks).
+_HELD_LOCKS: set[int] = set()
 
 
 class DeviceError(EdgeadaptError):
@@ -250,19 +255,32 @@ def verify_slot(root: Path, slot: SlotName) -> list[str]:
 
 
 @contextlib.contextmanager
-def device_lock(root: Path) -> Iterator[None]:
-    """Hold the device's exclusive lock (released by the kernel if the process dies)."""
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def device_lock(root: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the device's exclusive lock (released by the kernel if the holder dies).
+
+    Waits up to ``wait_s`` (s) for another holder (e.g. the health-gate child of a flash that
+    was just killed, until it dies too) before raising :class:`DeviceError` "busy".
+    """
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise DeviceError(f"{root}: busy (another flash or rollback is running)") from None
-            raise
+        _acquire(fd, root, wait_s)
+        _HELD_LOCKS.add(fd)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: drop the copies of the parent's lock descriptors.
+
+    A flock belongs to the open file, which a fork shares; without this a forked helper would
+    keep the device locked after its parent was killed.
+    """
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -370,6 +388,20 @@ def write_json_durably(path: Path, record: BaseModel) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _acquire(fd: int, root: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise DeviceError(f"{root}: busy (another flash or rollback is running)")
+        time.sleep(0.02)
+
+
 def _slot_status(
     root: Path, slot: SlotName, record: SlotRecord, active: bool, verify: bool
 ) -> dict[str, object]:

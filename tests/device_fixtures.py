@@ -1,7 +1,7 @@
 """Bundles and device roots for the device tests, built once per test process.
 
 Two genuinely different signed bundles (``old`` and ``new``: different network widths, so every
-graph file differs), one exported for another architecture (``rpi``), a second key pair, and a
+graph file differs), one exported for another architecture (``arm``), a second key pair, and a
 device root with ``old`` flashed into slot A that tests copy instead of flashing again.
 Bundles come from the real exporter on untrained networks (``tests/bundle_fixtures.py``).
 """
@@ -31,7 +31,7 @@ class DeviceBundles:
     other_pub: Path
     old: Path  # profile x86-cpu
     new: Path  # profile x86-cpu, different networks
-    rpi: Path  # profile rpi-arm-cpu (aarch64)
+    arm: Path  # profile jetson-orin-nano-8gb (aarch64)
     template_root: Path  # provisioned x86-cpu with pub; `old` active in slot A
 
 
@@ -106,7 +106,7 @@ def _build(tmp_factory: pytest.TempPathFactory) -> DeviceBundles:
     for name, run, profile in (
         ("old", run_old, "x86-cpu"),
         ("new", run_new, "x86-cpu"),
-        ("rpi", run_old, "rpi-arm-cpu"),
+        ("arm", run_old, "jetson-orin-nano-8gb"),
     ):
         bundles[name] = base / f"bundle-{name}"
         export_bundle(run, bundles[name], ExportOptions(key=key, profile=profile))

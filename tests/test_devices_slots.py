@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ from devices.slots import (
     slot_dir,
 )
 from runtime.errors import BundleError, UnknownNameError
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from devices.slots import device_lock\n"
+    "with device_lock(Path(sys.argv[1])):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(60)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +145,19 @@ def test_atomic_write_replaces_whole_content_and_leaves_no_tmp(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-def test_the_lock_is_exclusive(tmp_path: Path) -> None:
+def test_the_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
     init_device(tmp_path, "x86-cpu")
-    with device_lock(tmp_path), pytest.raises(DeviceError, match="busy"), device_lock(tmp_path):
-        pass
-    with device_lock(tmp_path):  # released again
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DeviceError, match="busy"), device_lock(tmp_path, wait_s=0.2):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the flock
+        holder.wait()
+    with device_lock(tmp_path, wait_s=5.0):
         pass
 
 

@@ -23,6 +23,7 @@ from device_fixtures import (
 )
 
 from devices.flash import FlashResult, flash
+from devices.health import StartMethod as HealthStart
 from devices.slots import active_bundle, device_status, init_device, read_active, slot_dir
 
 X86_TIGHT = """
@@ -139,9 +140,9 @@ def test_keyless_device_with_flash_pubkey_requires_a_signature(
 
 
 def test_bundle_for_another_architecture_is_refused(device: Path, bundles: DeviceBundles) -> None:
-    result = flash(bundles.rpi, device)
+    result = flash(bundles.arm, device)
     assert_refused_untouched(
-        result, device, bundles, "compat", r"built for rpi-arm-cpu \(aarch64\).*x86_64"
+        result, device, bundles, "compat", r"built for jetson-orin-nano-8gb \(aarch64\).*x86_64"
     )
 
 
@@ -177,8 +178,9 @@ def test_incompatible_signed_bundles_are_refused(
     assert_refused_untouched(result, device, bundles, stage, pattern)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_wrong_test_vectors_fail_the_health_gate(
-    device: Path, new_copy: Path, bundles: DeviceBundles
+    start_method: HealthStart, device: Path, new_copy: Path, bundles: DeviceBundles
 ) -> None:
     vectors = new_copy / "test_vectors.npz"
     with np.load(vectors) as data:
@@ -189,7 +191,7 @@ def test_wrong_test_vectors_fail_the_health_gate(
     with vectors.open("wb") as f:
         np.savez(f, **arrays)
     rehash(new_copy, "test_vectors.npz", bundles.key)  # signature and hashes are valid
-    result = flash(new_copy, device)
+    result = flash(new_copy, device, health_start=start_method)
     assert_refused_untouched(result, device, bundles, "health", r"test vectors: max error")
     slot_b = device_status(device)["slots"]["B"]
     assert slot_b["status"] == "failed" and slot_b["reason"] == result.reason
@@ -213,8 +215,11 @@ def test_latency_and_memory_budgets_fail_the_health_gate(
     assert device_status(root)["slots"]["A"]["status"] == "failed"
 
 
-def test_health_gate_timeout_fails_the_flash(device: Path, bundles: DeviceBundles) -> None:
-    result = flash(bundles.new, device, health_timeout_s=0.05)
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_health_gate_timeout_fails_the_flash(
+    start_method: HealthStart, device: Path, bundles: DeviceBundles
+) -> None:
+    result = flash(bundles.new, device, health_timeout_s=0.05, health_start=start_method)
     assert_refused_untouched(result, device, bundles, "health", r"timed out after 0\.05 s")
 
 
