@@ -48,17 +48,23 @@ def torch_step(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> dict[s
 
 
 def random_step_inputs(
-    dims: Dims, spec: FamilySpec, n: int, rng: np.random.Generator, prior_var: float = 1.0
+    dims: Dims,
+    spec: FamilySpec,
+    n: int,
+    rng: np.random.Generator,
+    prior_var: float = 1.0,
+    nonfinite_share: float = 0.02,
 ) -> dict[str, np.ndarray]:
-    """``n`` random rows of step-graph inputs (float32/bool, deterministic in ``rng``)."""
+    """``n`` random rows of step-graph inputs (deterministic in ``rng``); a share
+    ``nonfinite_share`` of the transitions get one NaN or inf entry."""
     low, high = _finite_bounds(spec)
     obs = rng.uniform(low, high, size=(n, dims.obs))
     nxt = np.clip(obs + rng.normal(0.0, 0.1, size=obs.shape) * (high - low), low, high)
     act = rng.uniform(-1.0, 1.0, size=(n, dims.act))
     reward = rng.normal(0.0, 2.0, size=(n, 1))
     transition = np.concatenate([obs, act, reward, nxt], axis=1)
-    # ~2% of rows carry a NaN or inf somewhere: the graph must flag them (updated False).
-    bad = rng.random(n) < 0.02
+    # Some rows carry a NaN or inf somewhere: the graph must flag them (updated False).
+    bad = rng.random(n) < nonfinite_share
     cols = rng.integers(0, transition.shape[1], size=n)
     transition[bad, cols[bad]] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
     precision = 1.0 / prior_var + np.exp(rng.uniform(np.log(1e-3), np.log(1e4), (n, dims.latent)))

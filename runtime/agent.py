@@ -117,6 +117,9 @@ class Agent:
         if not 0.0 < self.forget <= 1.0:
             raise InputError(f"forget must be in (0, 1], got {self.forget}")
         self.session = self._session(self.graph_name, providers)
+        # INT8 graphs quantize activations per call over the whole batch: a NaN in one row
+        # would poison every row, so non-finite rows are zeroed before those calls.
+        self._sanitize = self.session.spec.precision == "int8"
         self.policy_session = self._session("policy", providers)
         self._obs_dim, self._act_dim = manifest.obs.dim, manifest.act.dim
         self._act_low = np.asarray(manifest.act.low, dtype=np.float32)
@@ -206,7 +209,10 @@ class Agent:
         self._cache_key = None
         if not self.config.adaptive:
             return
-        self.session.run()
+        if self._sanitize:
+            self._run_sanitized()
+        else:
+            self.session.run()
         updated = self._updated
         if updated[0] if self.batch == 1 else updated.all():
             self._accept_all()
@@ -301,6 +307,17 @@ class Agent:
         pins = self.policy_session.inputs
         self._p_obs, self._p_z = pins["obs"], pins["z"]
         self._p_norm = self.policy_session.outputs["action_norm"]
+
+    def _run_sanitized(self) -> None:
+        finite = np.isfinite(self._tr).all(axis=1)
+        if finite.all():
+            self.session.run()
+            return
+        self._tr[~finite] = 0.0
+        self._obs_in[~finite] = 0.0
+        self.session.run()
+        self._updated &= finite
+        self._tr[~finite] = np.nan  # so the event says "nonfinite_input"
 
     def _accept_all(self) -> None:
         """Every row's update is finite: it becomes the belief; the outputs' actions are valid
