@@ -363,6 +363,7 @@ class Agent:
         if self.config.changepoint == "reset" and fired.any():
             self._prec[fired] = 1.0 / self.manifest.prior_var
             self._eta[fired] = 0.0
+            self._count[fired] = 0
             self.monitor.reset(fired)
             self._ood_raised = bool(self.monitor.level.any())
             self._cache_key = None  # the cached actions were for the pre-reset belief
@@ -428,6 +429,9 @@ class Agent:
         if arr.dtype.kind == "f" and (
             shape == (self.batch, width) or (self.batch == 1 and shape == (width,))
         ):
+            if arr.dtype != np.float32:  # float64 beyond float32 range becomes inf: refused
+                with np.errstate(over="ignore"):
+                    arr = arr.astype(np.float32)
             return arr
         want = f"({width},) or (1, {width})" if self.batch == 1 else f"({self.batch}, {width})"
         raise InputError(
@@ -436,15 +440,16 @@ class Agent:
         )
 
     def _reward(self, reward: float | np.ndarray) -> np.ndarray | float:
-        if type(reward) is float and self.batch == 1:
-            return reward
+        if type(reward) is float and self.batch == 1 and -3e38 < reward < 3e38:
+            return reward  # fast path; NaN and huge values take the checked path below
         arr = np.asarray(reward)
         if arr.dtype.kind not in "fiu" or arr.size != self.batch or arr.ndim > 2:
             raise InputError(
                 f"reward: expected {self.batch} float value(s), "
                 f"got {arr.dtype} array of shape {arr.shape}"
             )
-        return arr.reshape(self.batch)
+        with np.errstate(over="ignore"):  # beyond float32 range becomes inf: refused
+            return arr.reshape(self.batch).astype(np.float32)
 
     def _warm_up(self) -> None:
         for _ in range(self.config.warmup):
