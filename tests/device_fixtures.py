@@ -1,8 +1,9 @@
 """Bundles and device roots for the device tests, built once per test process.
 
-Two genuinely different signed bundles (``old`` and ``new``: different network widths, so every
-graph file differs), one exported for another architecture (``arm``), a second key pair, and a
-device root with ``old`` flashed into slot A that tests copy instead of flashing again.
+Three genuinely different signed bundles (``old``, ``new``, ``third``: different network widths,
+so every graph file differs), one exported for another architecture (``arm``), a second key
+pair, and device roots that tests copy instead of flashing again: ``old`` active in slot A with
+slot B empty (``template_root``) or holding ``third``, good (``dual_root``).
 Bundles come from the real exporter on untrained networks (``tests/bundle_fixtures.py``).
 """
 
@@ -19,6 +20,7 @@ from runtime.bundle import MANIFEST_FILE, SIGNATURE_FILE, sha256_file, sign_byte
 
 OLD_NETS = ("model.encoder_hidden=[32, 32]", "model.hidden=[32, 32]")
 NEW_NETS = ("model.encoder_hidden=[24, 24]", "model.hidden=[40, 40]")
+THIRD_NETS = ("model.encoder_hidden=[16, 16]", "model.hidden=[24, 24]")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class DeviceBundles:
     old: Path  # profile x86-cpu
     new: Path  # profile x86-cpu, different networks
     arm: Path  # profile jetson-orin-nano-8gb (aarch64)
-    template_root: Path  # provisioned x86-cpu with pub; `old` active in slot A
+    third: Path  # profile x86-cpu, yet other networks
+    template_root: Path  # provisioned x86-cpu with pub; `old` active in slot A, B empty
+    dual_root: Path  # like template_root, but B holds `third`, good (the rollback target)
 
 
 _CACHE: dict[str, DeviceBundles] = {}
@@ -91,7 +95,7 @@ def tree_files(path: Path) -> dict[str, bytes]:
 def _build(tmp_factory: pytest.TempPathFactory) -> DeviceBundles:
     from bundle_fixtures import make_run
 
-    from devices.flash import flash
+    from devices.flash import flash, rollback
     from devices.slots import init_device
     from export.bundle_writer import ExportOptions, export_bundle
     from export.signing import generate_keypair
@@ -102,11 +106,13 @@ def _build(tmp_factory: pytest.TempPathFactory) -> DeviceBundles:
     generate_keypair(other_key)
     run_old = make_run(base / "run-old", OLD_NETS, seed=0)
     run_new = make_run(base / "run-new", NEW_NETS, seed=1)
+    run_third = make_run(base / "run-third", THIRD_NETS, seed=2)
     bundles = {}
     for name, run, profile in (
         ("old", run_old, "x86-cpu"),
         ("new", run_new, "x86-cpu"),
         ("arm", run_old, "jetson-orin-nano-8gb"),
+        ("third", run_third, "x86-cpu"),
     ):
         bundles[name] = base / f"bundle-{name}"
         export_bundle(run, bundles[name], ExportOptions(key=key, profile=profile))
@@ -115,11 +121,15 @@ def _build(tmp_factory: pytest.TempPathFactory) -> DeviceBundles:
     init_device(template, "x86-cpu", pub)
     result = flash(bundles["old"], template)
     assert result.ok, result.reason
+    dual = copy_tree(template, base / "device-dual")
+    assert flash(bundles["third"], dual, health_start="fork").ok
+    assert rollback(dual).active_slot == "A"
     return DeviceBundles(
         key=key,
         pub=pub,
         other_key=other_key,
         other_pub=Path(f"{other_key}.pub"),
         template_root=template,
+        dual_root=dual,
         **bundles,
     )
