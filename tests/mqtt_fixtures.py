@@ -74,15 +74,13 @@ def stats(db: Path) -> dict[str, dict[str, Any]]:
         conn.close()
 
 
-def stored(db: Path, device: str, kind: int | None = None) -> list[tuple[str, int, int, str]]:
-    """(boot, seq, hist, body) of a device's stored records in seq order."""
+def stored(db: Path, device: str, kind: int | None = None) -> list[tuple[str, int, int, dict]]:
+    """(boot, seq, hist, record) of a device's stored records in seq order."""
     conn = collector_db.connect(db, readonly=True)
     try:
-        where = "" if kind is None else f" AND kind = {int(kind)}"
-        return conn.execute(
-            f"SELECT boot, seq, hist, body FROM records WHERE device = ?{where} ORDER BY seq",
-            (device,),
-        ).fetchall()
+        return [
+            (b, s, h, rec) for b, s, h, _, rec in collector_db.record_bodies(conn, device, kind)
+        ]
     finally:
         conn.close()
 

@@ -175,11 +175,11 @@ def test_device_executes_acks_rejects_and_keeps_running(
     wait_for(
         lambda: steps[-1] in {s for _, s, _, _ in stored(collector.db_path, "d1")}, 10, "records"
     )
-    events = [json.loads(b) for *_, b in stored(collector.db_path, "d1", RecordKind.EVENT)]
+    events = [b for *_, b in stored(collector.db_path, "d1", RecordKind.EVENT)]
     reasons = [e["data"]["reason"] for e in events if e["type"] == "command_rejected"]
     assert sorted(reasons) == ["expired", "malformed", "replayed"]
     assert [e["type"] for e in events].count("command_failed") == 1
-    acks = [json.loads(b) for *_, b in stored(collector.db_path, "d1", RecordKind.ACK)]
+    acks = [b for *_, b in stored(collector.db_path, "d1", RecordKind.ACK)]
     assert [a["status"] for a in acks] == ["ok", "failed", "ok", "ok", "rejected", "rejected"]
     assert stats(collector.db_path)["d1"]["gaps"] == 0
 

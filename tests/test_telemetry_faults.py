@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ def test_broker_sigkill_mid_stream_loses_and_duplicates_nothing(
     s = assert_complete(db, DEVICE, 1200)
     assert s["historical"] > 0, "records buffered during the outage are marked historical"
     rows = stored(db, DEVICE)
-    assert all(json.loads(body)["step"] == seq - 1 for _, seq, _, body in rows)
+    assert all(rec["step"] == seq - 1 for _, seq, _, rec in rows)
 
 
 def test_device_sigkill_and_restart_continues_the_sequence(
@@ -131,7 +130,7 @@ def test_outage_past_the_bound_drops_oldest_telemetry_keeps_events(
     seqs = {seq for _, seq, _, _ in rows}
     report_seq = max(seqs)  # the drop report is queued at reconnect, after everything else
     assert seqs - {report_seq} == expected
-    report = json.loads(next(b for _, seq, _, b in rows if seq == report_seq))
+    report = next(rec for _, seq, _, rec in rows if seq == report_seq)
     assert report["type"] == "outbox_dropped"
     assert report["data"] == {"reason": "full", "n": len(dropped), "first": dropped[0],
                               "last": dropped[-1]}  # fmt: skip

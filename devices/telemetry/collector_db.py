@@ -2,14 +2,18 @@
 
 Schema (``docs/telemetry.md`` explains each column)::
 
-    records   (device, boot, seq) primary key; kind, t, received, hist, body (record JSON)
+    messages  every stored batch message once (its payload as received)
+    records   (device, boot, seq) primary key; kind, t, received, hist, and where the record's
+              JSON is: message id + index in the batch's ``recs`` (:func:`record_bodies`)
     devices   one row per device: fleet, online, boot, boot_n, birth, counters
     boots     one row per (device, boot) seen in a birth message
     malformed every dropped payload: time, topic, reason, first bytes
     meta      schema_version, malformed_total
 
 Deduplication is the primary key: ``INSERT OR IGNORE`` drops a record whose (device, boot, seq)
-is already stored and the ignored rows are counted in ``devices.duplicates_dropped``.
+is already stored and the ignored rows are counted in ``devices.duplicates_dropped``; a message
+whose records were all duplicates is not kept. Payloads are stored as received, not re-encoded
+per record: the ingest path parses each message once and writes one row per record.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ SCHEMA_VERSION = 1
 MALFORMED_KEEP_BYTES = 256
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id       INTEGER PRIMARY KEY,
+    device   TEXT    NOT NULL,
+    received REAL    NOT NULL,   -- collector time the message arrived (unix s)
+    payload  BLOB    NOT NULL    -- the batch as received (records.py format)
+);
 CREATE TABLE IF NOT EXISTS records (
     device   TEXT    NOT NULL,
     boot     TEXT    NOT NULL,
@@ -44,7 +54,8 @@ CREATE TABLE IF NOT EXISTS records (
     t        REAL    NOT NULL,   -- device time of the record (unix s)
     received REAL    NOT NULL,   -- collector time the message arrived (unix s)
     hist     INTEGER NOT NULL,   -- 1 if the device had buffered it while offline
-    body     TEXT    NOT NULL,   -- the record as JSON (records.py)
+    msg      INTEGER NOT NULL,   -- messages.id of the batch that delivered it first
+    idx      INTEGER NOT NULL,   -- its index in that batch's "recs" list
     PRIMARY KEY (device, boot, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS devices (
@@ -78,7 +89,7 @@ CREATE TABLE IF NOT EXISTS malformed (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?)"
+INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?)"
 
 
 @dataclass
@@ -154,15 +165,21 @@ class CollectorStore:
         batch = decode_batch(payload)
         if batch.fleet != fleet or batch.device != device:
             raise MalformedPayload(f"payload says {batch.fleet}/{batch.device}, topic differs")
-        hist = int(batch.hist)
+        hist, kind, boot = int(batch.hist), int(batch.kind), batch.boot
+        msg = self._db.execute(
+            "INSERT INTO messages (device, received, payload) VALUES (?,?,?)",
+            (device, received, payload),
+        ).lastrowid
         rows = [
-            (device, batch.boot, r["seq"], int(batch.kind), r["t"], received, hist, _dumps(r))
-            for r in batch.records
+            (device, boot, r["seq"], kind, r["t"], received, hist, msg, i)
+            for i, r in enumerate(batch.records)
         ]
         if batch.kind == RecordKind.TELEMETRY:
             stored = self._db.executemany(INSERT_RECORD, rows).rowcount
         else:
             stored = self._insert_events(device, batch.records, rows)
+        if stored == 0:
+            self._db.execute("DELETE FROM messages WHERE id = ?", (msg,))
         dups = len(rows) - stored
         self._db.execute(
             "INSERT INTO devices (device, fleet, last_seen, duplicates_dropped) VALUES (?,?,?,?) "
@@ -293,6 +310,29 @@ def device_stats(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
         "FROM (SELECT DISTINCT device, seq FROM records)) WHERE step > 1 GROUP BY device"
     ):
         out[device]["gap_ranges"] = holes
+    return out
+
+
+def record_bodies(
+    conn: sqlite3.Connection, device: str, kind: int | None = None
+) -> list[tuple[str, int, int, float, dict[str, Any]]]:
+    """(boot, seq, hist, received, record) of a device's stored records, in seq order."""
+    where = "" if kind is None else " AND r.kind = ?"
+    params: tuple[Any, ...] = (device,) if kind is None else (device, int(kind))
+    rows = conn.execute(
+        "SELECT r.boot, r.seq, r.hist, r.received, r.msg, r.idx FROM records r "
+        f"WHERE r.device = ?{where} ORDER BY r.seq",
+        params,
+    ).fetchall()
+    cache: dict[int, list[dict[str, Any]]] = {}
+    out = []
+    for boot, seq, hist, rec_t, msg, idx in rows:
+        if msg not in cache:
+            (payload,) = conn.execute(
+                "SELECT payload FROM messages WHERE id = ?", (msg,)
+            ).fetchone()
+            cache[msg] = json.loads(payload)["recs"]
+        out.append((boot, seq, hist, rec_t, cache[msg][idx]))
     return out
 
 

@@ -6,12 +6,12 @@ to the device-side core dependencies.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+from devices.telemetry.collector_db import record_bodies
 from runtime.errors import EdgeadaptError
 
 BAND_SIGMAS = 2.0
@@ -56,10 +56,7 @@ def _pyplot() -> Any:
 
 
 def _records(conn: sqlite3.Connection, device: str, kind: int) -> list[tuple[float, dict]]:
-    rows = conn.execute(
-        "SELECT t, body FROM records WHERE device = ? AND kind = ? ORDER BY seq", (device, kind)
-    )
-    return [(t, json.loads(body)) for t, body in rows]
+    return [(float(rec["t"]), rec) for *_, rec in record_bodies(conn, device, kind)]
 
 
 def _belief(ax: Any, t: list[float], recs: list[dict[str, Any]]) -> None:
