@@ -170,3 +170,14 @@ def test_status_json_names_the_active_slot(tmp_path: Path, bundles: DeviceBundle
     assert slot_a["health"]["passed"]
     assert slot_a["on_disk"]["manifest_sha256"] == slot_a["manifest_sha256"]
     assert status["slots"]["B"]["status"] == "empty"
+
+
+def test_device_modules_do_not_import_torch() -> None:
+    probe = (
+        "import sys\n"
+        "import devices.commands, devices.flash, devices.health, devices.profiles\n"
+        "import devices.remote, devices.slots\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
