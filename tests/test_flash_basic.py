@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from device_fixtures import DeviceBundles, build_device_bundles, bundle_files, copy_tree, tree_files
+from device_fixtures import (
+    DeviceBundles,
+    build_device_bundles,
+    bundle_files,
+    copy_tree,
+    edit_manifest,
+    tree_files,
+)
 
 from devices.flash import flash, rollback
 from devices.slots import DeviceError, active_bundle, device_status, read_active, slot_dir
@@ -131,3 +138,13 @@ def test_cli_refusal_is_one_error_line_without_traceback(
     assert json.loads(as_json.stdout)["type"] == "update_failed"
     rb = _cli("device", "rollback", root)
     assert rb.returncode != 0 and "error: rollback refused" in rb.stderr
+
+
+def test_bundle_without_a_profile_is_accepted_by_any_device(
+    tmp_path: Path, bundles: DeviceBundles
+) -> None:
+    generic = copy_tree(bundles.new, tmp_path / "generic")
+    edit_manifest(generic, bundles.key, profile=None)
+    root = copy_tree(bundles.template_root, tmp_path / "dev")
+    result = flash(generic, root, health_start="fork")
+    assert result.ok and read_active(root) == "B", result.reason
