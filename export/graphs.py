@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from runtime.tasks.base import FamilySpec
 from training.networks import ContextEncoder, TanhGaussianActor
@@ -91,6 +92,22 @@ class ActionScale(nn.Module):
         return action_BA * self.half_range + self.center
 
 
+class MeanActor(nn.Module):
+    """``tanh(mean)`` of a :class:`TanhGaussianActor` without computing the log-std half of its
+    last layer: the same numbers as ``actor.deterministic``, one Slice node and half the last
+    matrix fewer in the graph. Shares the actor's parameters (``actor.net.*``)."""
+
+    def __init__(self, actor: TanhGaussianActor) -> None:
+        super().__init__()
+        self.net = actor.net
+        self.act_dim = actor.act_dim
+
+    def forward(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = self.net[:-1](torch.cat([obs, z], dim=-1))
+        last = self.net[-1]
+        return torch.tanh(F.linear(h, last.weight[: self.act_dim], last.bias[: self.act_dim]))
+
+
 class StepGraph(nn.Module):
     """Fused step: (transition, precision, eta, forget, obs) -> action, belief', surprise.
 
@@ -110,7 +127,7 @@ class StepGraph(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.actor = actor
+        self.actor = MeanActor(actor)
         self.scale = ActionScale(spec)
         self.prior_prec = float(1.0 / prior_var)
 
@@ -130,7 +147,7 @@ class StepGraph(nn.Module):
         surprise = (d * d / (1.0 / precision + var)).mean(dim=-1)
         check = (torch.cat([transition, new_prec, new_eta], dim=-1) * 0.0).sum(dim=-1)
         updated = check == 0.0
-        action_norm = self.actor.deterministic(obs, new_eta / new_prec)
+        action_norm = self.actor(obs, new_eta / new_prec)
         return self.scale(action_norm), action_norm, new_prec, new_eta, surprise, updated
 
 

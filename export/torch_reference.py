@@ -32,9 +32,19 @@ def step_module_from_bundle(bundle_dir: str | Path) -> StepGraph:
     spec = make_family(manifest.env, 1).spec
     o, a, z = manifest.obs.dim, manifest.act.dim, manifest.latent_dim
     encoder = ContextEncoder(o, a, z, _hidden(weights, "encoder.net"), manifest.min_var)
-    actor = TanhGaussianActor(o, z, a, _hidden(weights, "actor.net"))
+    hidden = _hidden(weights, "actor.net", include_last=True)
+    actor = TanhGaussianActor(o, z, a, hidden)
     encoder.load_state_dict(_strip(weights, "encoder."))
-    actor.load_state_dict(_strip(weights, "actor."))
+    actor_state = _strip(weights, "actor.")
+    # The graph keeps only the mean half of the actor's last layer (constant-folded, unnamed):
+    # take it from the Gemm that feeds the Tanh; the log-std half does not affect the action.
+    w_name, b_name = _mean_head(model)
+    last = len(hidden) * 2
+    full_w = torch.zeros(2 * a, hidden[-1])
+    full_b = torch.zeros(2 * a)
+    full_w[:a], full_b[:a] = weights[w_name], weights[b_name]
+    actor_state |= {f"net.{last}.weight": full_w, f"net.{last}.bias": full_b}
+    actor.load_state_dict(actor_state)
     return StepGraph(encoder, actor, spec, manifest.prior_var).eval()
 
 
@@ -75,12 +85,27 @@ class TorchStepper:
         return out / 1e3
 
 
-def _hidden(weights: dict[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
-    """Hidden widths of an ``mlp`` from its Linear weights ``prefix.{0,2,4,...}.weight``."""
+def _hidden(
+    weights: dict[str, torch.Tensor], prefix: str, include_last: bool = False
+) -> tuple[int, ...]:
+    """Hidden widths of an ``mlp`` from its Linear weights ``prefix.{0,2,4,...}.weight``
+    (``include_last``: the last named Linear is a hidden layer, its head is unnamed)."""
     idx = sorted(
         int(k.split(".")[-2]) for k in weights if k.startswith(prefix) and k.endswith("weight")
     )
-    return tuple(int(weights[f"{prefix}.{i}.weight"].shape[0]) for i in idx[:-1])
+    layers = idx if include_last else idx[:-1]
+    return tuple(int(weights[f"{prefix}.{i}.weight"].shape[0]) for i in layers)
+
+
+def _mean_head(model: onnx.ModelProto) -> tuple[str, str]:
+    """Weight and bias initializer names of the Gemm whose output goes through Tanh."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Tanh":
+            gemm = producers[node.input[0]]
+            if gemm.op_type == "Gemm":
+                return gemm.input[1], gemm.input[2]
+    raise ValueError("step graph has no Gemm -> Tanh action head")
 
 
 def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
