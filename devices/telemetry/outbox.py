@@ -29,6 +29,8 @@ from devices.telemetry.records import RecordKind
 
 SCHEMA_VERSION = 1
 
+# No secondary index: every insert would pay for it, and the queries that filter by kind (size
+# bound, TTL) run rarely and walk the primary key.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq  INTEGER PRIMARY KEY,      -- per-device sequence number, increasing across restarts
@@ -37,7 +39,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     t    REAL    NOT NULL,         -- unix time of the record (s)
     body TEXT    NOT NULL          -- the record's JSON text (records.encode_*)
 );
-CREATE INDEX IF NOT EXISTS outbox_kind_seq ON outbox (kind, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 """

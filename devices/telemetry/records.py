@@ -99,7 +99,37 @@ class Batch:
 
 
 def encode_telemetry(seq: int, t: float, s: Sample) -> str:
-    """JSON text of one telemetry record (hand-formatted: this runs for every record)."""
+    """JSON text of one telemetry record.
+
+    This runs for every record, so the common case (all floats finite) is one ``%`` formatting
+    with a template cached per array shape; any NaN/inf takes the per-value path.
+    """
+    a, m, v = s.action, s.belief_mean, s.belief_var
+    floats = (s.reward, *a, *m, *v, s.belief_entropy, s.ood_score, s.latency_us)
+    total = sum(floats)
+    if total - total != 0.0:  # some value is NaN or infinite
+        return _encode_telemetry_slow(seq, t, s)
+    template = _TEMPLATES.get((len(a), len(m), len(v))) or _template(len(a), len(m), len(v))
+    return template % (seq, t, s.step, s.reward, *a, *m, *v, s.belief_entropy,
+                       s.belief_count, s.ood_score, s.latency_us)  # fmt: skip
+
+
+_TEMPLATES: dict[tuple[int, int, int], str] = {}
+
+
+def _template(n_action: int, n_mean: int, n_var: int) -> str:
+    def floats(n: int) -> str:
+        return "[" + ",".join(["%.7g"] * n) + "]"
+
+    text = (
+        '{"seq":%d,"t":%.6f,"step":%d,"r":%.7g,"a":' + floats(n_action) + ',"bm":'
+        + floats(n_mean) + ',"bv":' + floats(n_var) + ',"bh":%.7g,"bn":%d,"ood":%.7g,"lat":%.7g}'
+    )  # fmt: skip
+    _TEMPLATES[(n_action, n_mean, n_var)] = text
+    return text
+
+
+def _encode_telemetry_slow(seq: int, t: float, s: Sample) -> str:
     return (
         f'{{"seq":{int(seq)},"t":{float(t):.6f},"step":{int(s.step)},"r":{_num(s.reward)},'
         f'"a":{_nums(s.action)},"bm":{_nums(s.belief_mean)},"bv":{_nums(s.belief_var)},'
