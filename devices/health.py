@@ -54,9 +54,12 @@ def run_health_gate(
     device; ``on_started`` is called once the child runs (a test hook for crash injection).
     ``start_method`` "spawn" starts a fresh interpreter (``python -m devices.health``: nothing
     inherited, safe from a multi-threaded runner); "fork" forks this process, which skips the
-    interpreter start and imports (fast; only for single-threaded callers such as tests).
+    interpreter start and imports (fast; only for single-threaded callers such as tests); a
+    forked gate cannot measure the bundle's memory (it shares its parent's pages), so it checks
+    the test vectors and the latency budget only and reports ``rss_mb`` as None.
     """
-    args = GateArgs(bundle_dir, profile_path, pubkey, cache_dir, os.getpid())
+    forked = start_method == "fork"
+    args = GateArgs(bundle_dir, profile_path, pubkey, cache_dir, os.getpid(), not forked)
     start = time.perf_counter()
     if start_method == "fork":
         return _run_forked(args, timeout_s, on_started, start)
@@ -71,10 +74,17 @@ class GateArgs(NamedTuple):
     pubkey: Path | None
     cache_dir: Path | None
     parent_pid: int
+    #: False in a forked child: its resident set includes the pages it shares with its parent,
+    #: so its peak RSS says nothing about the bundle.
+    measure_memory: bool = True
 
 
 def check_bundle(
-    bundle_dir: Path, profile_path: Path, pubkey: Path | None, cache_dir: Path | None = None
+    bundle_dir: Path,
+    profile_path: Path,
+    pubkey: Path | None,
+    cache_dir: Path | None = None,
+    measure_memory: bool = True,
 ) -> HealthSummary:
     """The gate itself, in this process: load, self-test, latency and memory budgets."""
     from runtime.agent import Agent
@@ -90,7 +100,7 @@ def check_bundle(
         config=agent_config_for(profile, manifest, cache_dir),
     )
     report = agent.self_test()
-    rss_mb = peak_rss_mb()
+    rss_mb = peak_rss_mb() if measure_memory else None
     reasons = list(report.reasons)
     if not report.passed and not reasons:
         reasons.append("self-test failed")
@@ -150,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 def _child_gate(args: GateArgs) -> HealthSummary:
     _die_with_parent(args.parent_pid)
     try:
-        return check_bundle(args.bundle_dir, args.profile_path, args.pubkey, args.cache_dir)
+        return check_bundle(
+            args.bundle_dir, args.profile_path, args.pubkey, args.cache_dir, args.measure_memory
+        )
     except Exception as exc:  # any load or run error is a failed gate, reported as such
         return HealthSummary(passed=False, reasons=[f"{type(exc).__name__}: {exc}"])
 

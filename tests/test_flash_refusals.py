@@ -198,8 +198,9 @@ def test_wrong_test_vectors_fail_the_health_gate(
     assert slot_b["health"]["passed"] is False
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_latency_and_memory_budgets_fail_the_health_gate(
-    tmp_path: Path, bundles: DeviceBundles
+    start_method: HealthStart, tmp_path: Path, bundles: DeviceBundles
 ) -> None:
     profile = tmp_path / "x86-tight.yaml"
     profile.write_text(X86_TIGHT)
@@ -207,10 +208,15 @@ def test_latency_and_memory_budgets_fail_the_health_gate(
     init_device(root, profile, bundles.pub)
     bundle = copy_tree(bundles.new, tmp_path / "candidate")
     edit_manifest(bundle, bundles.key, profile="x86-tight")
-    result = flash(bundle, root)
+    result = flash(bundle, root, health_start=start_method)
     assert not result.ok and result.stage == "health"
     assert "exceeds the x86-tight budget of 0.5 µs" in (result.reason or "")
-    assert "exceeds the x86-tight budget of 5 MB" in (result.reason or "")
+    health = device_status(root)["slots"]["A"]["health"]
+    if start_method == "spawn":
+        assert "exceeds the x86-tight budget of 5 MB" in (result.reason or "")
+        assert health["rss_mb"] > 5
+    else:  # a forked gate shares its parent's pages: memory is not measured
+        assert "MB" not in (result.reason or "") and health["rss_mb"] is None
     assert read_active(root) is None
     assert device_status(root)["slots"]["A"]["status"] == "failed"
 
