@@ -9,13 +9,17 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_fixtures import SimDevice, received, stats, stored, wait_for
+from mqtt_fixtures import ROOT, SimDevice, received, stats, stored, wait_for
 
 from devices.telemetry.client import TelemetryClient
 from devices.telemetry.collector import Collector
@@ -94,6 +98,13 @@ def test_device_sigkill_and_restart_continues_the_sequence(
         "outbox rows of the killed boot"
     )
     assert all(rows[seq] == second.ready["boot"] for seq in range(next_seq, last + 1))
+    with sqlite3.connect(db) as conn:  # one birth per boot, with what the device announced
+        births = [json.loads(b) for (b,) in conn.execute("SELECT birth FROM boots ORDER BY boot_n")]
+    assert [b["boot"] for b in births] == [first.ready["boot"], second.ready["boot"]]
+    assert births[1]["first_seq"] == next_seq and births[1]["boot_n"] == 2
+    assert {k: births[1][k] for k in ("bundle_id", "bundle_version", "profile")} == {
+        "bundle_id": "sim", "bundle_version": "0", "profile": "simulated"}  # fmt: skip
+    assert births[1]["runtime_version"]
 
 
 def test_outage_past_the_bound_drops_oldest_telemetry_keeps_events(
@@ -213,3 +224,42 @@ def test_an_exception_in_a_callback_does_not_stop_the_network_loop(broker: Mosqu
 
 def _sample(step: int) -> Sample:
     return Sample(step, -0.5, [0.1, 0.2], [0.0] * 5, [1.0] * 5, 1.0, step, 0.2, 50.0)
+
+
+def test_collector_sigkill_and_restart_loses_nothing(broker: Mosquitto, tmp_path: Path) -> None:
+    """The collector acknowledges a message only after committing it: a SIGKILL between the two
+    makes the broker redeliver (persistent session) and the primary key drops the copies."""
+    db = tmp_path / "c.sqlite"
+    cmd = [sys.executable, "-m", "runtime.cli", "collect", "--broker", broker.url, "--db", str(db),
+           "--client-id", "killable-collector"]  # fmt: skip
+
+    def start() -> subprocess.Popen[str]:
+        before = _connections(broker)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        wait_for(lambda: _connections(broker) > before, 10, "the collector connected")
+        time.sleep(0.2)  # its SUBSCRIBE follows the CONNACK (needed on the first start only)
+        return proc
+
+    procs = [start()]
+    dev = SimDevice(broker.url, DEVICE, tmp_path / "o.sqlite", records=1500, rate=500)
+    try:
+        wait_for(lambda: db.exists() and received(db, DEVICE) >= 200, 20, "the first records")
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        time.sleep(0.5)  # the device keeps publishing; the broker queues for the session
+        procs.append(start())
+        final = dev.finish(60)
+        wait_for(lambda: received(db, DEVICE) >= 1500, 20, "all records after the restart")
+    finally:
+        dev.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=20)
+    assert final["drained"]
+    assert_complete(db, DEVICE, 1500)
+
+
+def _connections(broker: Mosquitto) -> int:
+    return broker.log_tail(1_000_000).count("as killable-collector")

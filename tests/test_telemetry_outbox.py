@@ -183,3 +183,23 @@ def test_topics_round_trip_and_reject_foreign_names() -> None:
     shared = collector_filters("f", "g")
     assert shared[0] == "$share/g/edgeadapt/v1/f/+/tele"
     assert "edgeadapt/v1/f/+/state" in shared  # retained: never through a shared subscription
+
+
+def test_decimation_keeps_every_nth_step_and_copies_arrays(tmp_path: Path) -> None:
+    import numpy as np
+
+    from devices.telemetry.client import TelemetryClient
+    from devices.telemetry.config import TelemetryConfig
+
+    cfg = TelemetryConfig(broker="mqtt://127.0.0.1:1", device="d", decimate=3,
+                          outbox=str(tmp_path / "o.sqlite"))  # fmt: skip
+    client = TelemetryClient(cfg)  # never started: enqueueing needs no broker
+    action = np.zeros(2)
+    seqs = []
+    for step in range(10):
+        action[0] = step
+        seqs.append(client.record_step(step, 0.0, action, [0.0], [1.0], 0.0, step, 0.0, 1.0))
+    assert seqs == [1, None, None, 2, None, None, 3, None, None, 4]
+    kept = [item.data for item in client._queue.take()]
+    assert [s.step for s in kept] == [0, 3, 6, 9]
+    assert [s.action[0] for s in kept] == [0.0, 3.0, 6.0, 9.0]  # copied, not aliased

@@ -125,6 +125,7 @@ class TelemetryClient:
         self.boot = secrets.token_hex(8)
         self.boot_n = self._store.new_boot()
         self._queue = RecordQueue(self._store.next_seq())
+        self.first_seq = self._queue.last_assigned + 1  # of this boot
         self._topics = {ch: topic(config.fleet, config.device, ch) for ch in Channel}
         self._mqtt = make_client(self._broker, client_id=config.device)
         self._acks: deque[tuple[int, bool]] = deque()
@@ -367,7 +368,7 @@ class TelemetryClient:
             "fleet": cfg.fleet, "dev": cfg.device, "boot": self.boot, "boot_n": self.boot_n,
             "t": now, "bundle_id": b.bundle_id, "bundle_version": b.bundle_version,
             "runtime_version": b.runtime_version, "profile": b.profile,
-            "next_seq": self._queue.last_assigned + 1, "proto": cfg.protocol,
+            "first_seq": self.first_seq, "proto": cfg.protocol,
         }  # fmt: skip
         self._mqtt.publish(self._topics[Channel.BIRTH], birth_payload(info), qos=1, retain=True)
         online = state_payload("online", self.boot, self.boot_n, now, "connected")
