@@ -74,7 +74,7 @@ def choose_providers(
         if name in available and name not in chosen:
             chosen.append(name)
         elif name not in available:
-            log.info("execution provider %s not available here: %s", name, why_unavailable(name))
+            log.debug("execution provider %s not available here: %s", name, why_unavailable(name))
     if CPU not in chosen:
         chosen.append(CPU)
     return [p for p in chosen if p != CPU] + [CPU]

@@ -13,6 +13,7 @@ import pytest
 from bundle_fixtures import cached_bundle
 
 from runtime.agent import Agent, AgentConfig
+from runtime.bundle import read_manifest
 from runtime.errors import EdgeadaptError
 from runtime.providers import (
     CPU,
@@ -169,3 +170,12 @@ def test_trt_build_command_fails_with_one_line(bundle, tmp_path):
     res = _cli("trt-build", str(bundle), "--cache-dir", str(tmp_path))
     assert res.returncode != 0
     assert res.stderr.strip().startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_bench_belief_json_compares_o1_and_naive(bundle):
+    res = _cli("bench", "belief", str(bundle), "--json", "--max-context", "1000")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["context"] for r in out["rows"]] == [10, 100, 1000]
+    assert all(r["o1_step_us"] > 0 and r["naive_step_us"] > 0 for r in out["rows"])
+    assert out["belief_state_bytes"] == 2 * 4 * read_manifest(bundle).latent_dim + 8
