@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "export.commands",
     "devices.commands",
     "devices.telemetry.commands",
+    "devices.field_commands",
+    "training.demo",
 )
 
 
