@@ -78,7 +78,9 @@ def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], st
 
 class ActionScale(nn.Module):
     """[-1, 1] -> physical bounds: ``low + (high - low) / 2 * (a + 1)`` (training.agent),
-    computed as ``a * half + (low + half)``: two graph nodes."""
+    computed as ``a * half + (low + half)`` and clamped to ``[low, high]`` so that float32
+    rounding can never put the action an ulp outside the bounds (the runtime then needs no
+    numpy clip on the hot path)."""
 
     def __init__(self, spec: FamilySpec) -> None:
         super().__init__()
@@ -87,9 +89,12 @@ class ActionScale(nn.Module):
         half = (high - low) / 2.0
         self.register_buffer("half_range", half)
         self.register_buffer("center", low + half)
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
 
     def forward(self, action_BA: torch.Tensor) -> torch.Tensor:
-        return action_BA * self.half_range + self.center
+        scaled = action_BA * self.half_range + self.center
+        return torch.minimum(torch.maximum(scaled, self.low), self.high)
 
 
 class MeanActor(nn.Module):

@@ -170,6 +170,7 @@ class Agent:
         self._last_norm = np.repeat(self._zero_norm[None], batch, axis=0)
         self._last_good_obs: np.ndarray | None = None
         self._cache_key: bytes | None = None  # obs whose action the step outputs hold
+        self._hit = False  # the last act() was served from the step outputs
         self._prev_obs: np.ndarray | None = None  # for step()
         self._t = 0
         ood = self.manifest.ood
@@ -181,10 +182,9 @@ class Agent:
         ``(B, O)``. Non-finite observation rows get the safe fallback (and an event)."""
         arr = self._rows(obs, self._obs_dim, "obs")
         key = self._cache_key
-        if key is not None and arr.dtype == np.float32 and arr.tobytes() == key:
-            norm = self._out_norm.copy()  # computed by the step that absorbed the transition
-        else:
-            norm = self._act_fresh(arr)
+        self._hit = key is not None and arr.dtype == np.float32 and arr.tobytes() == key
+        # a hit: the step that absorbed the transition already computed this action
+        norm = self._out_norm.copy() if self._hit else self._act_fresh(arr)
         self._last_norm = norm
         return norm[0].copy() if arr.ndim == 1 else norm.copy()
 
@@ -222,7 +222,10 @@ class Agent:
     # -- device conveniences -----------------------------------------------------------------
     def act_scaled(self, obs: np.ndarray) -> np.ndarray:
         """Like :meth:`act` but in the family's physical action bounds."""
-        return self.scale(self.act(obs))
+        norm = self.act(obs)
+        if self._hit:  # the graph's own scaled output for this very observation (clamped)
+            return self._out_act[0].copy() if norm.ndim == 1 else self._out_act.copy()
+        return self.scale(norm)
 
     def step(
         self, obs: np.ndarray, reward: float | np.ndarray | None = None, done: bool = False
@@ -232,9 +235,9 @@ class Agent:
         Pass ``done=True`` with the final observation of an episode."""
         if self._prev_obs is not None and reward is not None:
             self.observe(self._prev_obs, self._last_norm, reward, obs, done)
-        action = self.act(obs)
+        action = self.act_scaled(obs)
         self._prev_obs = None if done else np.array(obs, dtype=np.float32)
-        return self.scale(action)
+        return action
 
     def scale(self, action_norm: np.ndarray) -> np.ndarray:
         """Normalized [-1, 1] -> physical bounds, clipped (float32)."""
@@ -302,6 +305,7 @@ class Agent:
         self._v_rew, self._v_next = self._tr[:, o + a], self._tr[:, o + a + 1 :]
         self._prec, self._eta, self._forget = ins["precision"], ins["eta"], ins["forget"]
         self._out_norm, self._updated = outs["action_norm"], outs["updated"]
+        self._out_act = outs["action"]
         self._out_prec, self._out_eta = outs["precision_out"], outs["eta_out"]
         self._out_surprise = outs["surprise"]
         pins = self.policy_session.inputs
