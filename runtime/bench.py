@@ -175,16 +175,19 @@ def step_latencies(
 def batched_throughput(
     manifest: Any, bundle_dir: Path, traj: dict[str, np.ndarray], calls: int = 200
 ) -> dict[str, dict[str, float]]:
-    """Agent-steps per second with B agents stepped in one call, B in 1, 64, 1024."""
+    """Agent-steps per second with B agents stepped in one call (act + observe), B in 1, 64,
+    1024; each agent follows the trajectory from its own offset, so consecutive calls chain."""
     out = {}
+    n_rows = len(traj["obs"])
     for b in BATCHES:
         agent = Agent(manifest, bundle_dir, [CPU], AgentConfig())
         agent.reset(b)
-        idx = np.arange(b) % len(traj["obs"])
-        o, r, nx = traj["obs"][idx], traj["rew"][idx, 0], traj["next"][idx]
+        offsets = (np.arange(b) * 37) % n_rows
         n = max(10, calls if b < 1024 else calls // 10)
         times = np.empty(n)
         for i in range(n):
+            idx = (offsets + i) % n_rows
+            o, r, nx = traj["obs"][idx], traj["rew"][idx, 0], traj["next"][idx]
             t0 = time.perf_counter_ns()
             a = agent.act(o)
             agent.observe(o, a, r, nx)
