@@ -9,6 +9,7 @@ import pytest
 
 PROBES = [
     "import runtime, devices",
+    "import devices.runner, devices.field_commands, devices.flash, devices.telemetry.client",
     "import runtime.cli; runtime.cli.build_parser()",
     "import runtime.posterior, runtime.evaluation, runtime.tasks\n"
     "runtime.tasks.make_family('point-nav')",

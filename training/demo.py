@@ -30,6 +30,11 @@ QUICK = [
     "train.initial_episodes=1",
     "env.num_train_tasks=24",
     "eval.tasks=8",
+    "train.num_threads=1",
+    "model.hidden=[64,64]",
+    "model.encoder_hidden=[64,64]",
+    "sac.batch_size=64",
+    "pearl.meta_batch=8",
 ]
 
 

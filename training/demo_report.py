@@ -131,6 +131,9 @@ def _plot_belief(path: Path, traces: dict[str, Any], w: np.ndarray, b: np.ndarra
             ax.fill_between(steps, est[:, k] - 2 * std[:, k], est[:, k] + 2 * std[:, k],
                             color="C0", alpha=0.2, label="±2σ")  # fmt: skip
             _mark_episodes(ax, a["episode"])
+            lo = min(a["task"][:, k].min(), est[:, k].min())
+            hi = max(a["task"][:, k].max(), est[:, k].max())
+            ax.set_ylim(lo - 0.5 * (hi - lo) - 2.0, hi + 0.5 * (hi - lo) + 2.0)
             ax.set(title=f"{name}: wind {'xz'[col]}", xlabel="control step", ylabel="m/s")
         axes[row, 0].legend(loc="best", fontsize=8)
     fig.tight_layout()
