@@ -134,8 +134,8 @@ def bench_enqueue(broker_url: str, tmp: Path, calls: int) -> dict[str, Any]:
 def bench_throughput(broker_url: str, tmp: Path, collector: Any, records: int) -> dict[str, Any]:
     """One device process enqueues ``records`` flat out; time until all are in the database."""
     # the outbox must hold the whole burst: a flat-out producer outruns any network
-    proc = _simdevice(broker_url, tmp, "throughput", records=records, rate=0,
-                      batch_size=THROUGHPUT_BATCH, max_records=records, drain_timeout=600)  # fmt: skip
+    proc = _simdevice(broker_url, tmp, "throughput", records=records, rate=0, max_records=records,
+                      batch_size=THROUGHPUT_BATCH, drain_timeout=600)  # fmt: skip
     t0 = time.perf_counter()
     done = _wait(lambda: _count(collector.db_path, "throughput") >= records, 600)
     elapsed = time.perf_counter() - t0

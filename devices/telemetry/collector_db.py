@@ -177,7 +177,7 @@ class CollectorStore:
         if batch.kind == RecordKind.TELEMETRY:
             stored = self._db.executemany(INSERT_RECORD, rows).rowcount
         else:
-            stored = self._insert_events(device, batch.records, rows)
+            stored = self._insert_events(fleet, device, batch.records, rows)
         if stored == 0:
             self._db.execute("DELETE FROM messages WHERE id = ?", (msg,))
         dups = len(rows) - stored
@@ -191,7 +191,9 @@ class CollectorStore:
         self._note_gap(device, first, last)
         return IngestResult(stored=stored, duplicates=dups, first_seq=first, last_seq=last)
 
-    def _insert_events(self, device: str, records: list[dict[str, Any]], rows: list[tuple]) -> int:
+    def _insert_events(
+        self, fleet: str, device: str, records: list[dict[str, Any]], rows: list[tuple]
+    ) -> int:
         """Insert one by one so that newly stored drop reports update ``dropped_at_source``."""
         stored = 0
         for rec, row in zip(records, rows, strict=True):
@@ -201,10 +203,10 @@ class CollectorStore:
             if rec.get("type") == EventType.OUTBOX_DROPPED:
                 n = int((rec.get("data") or {}).get("n", 0))
                 self._db.execute(
-                    "INSERT INTO devices (device, fleet, dropped_at_source) VALUES (?, '', ?) "
+                    "INSERT INTO devices (device, fleet, dropped_at_source) VALUES (?, ?, ?) "
                     "ON CONFLICT (device) DO UPDATE SET "
                     "dropped_at_source = dropped_at_source + excluded.dropped_at_source",
-                    (device, n),
+                    (device, fleet, n),
                 )
         return stored
 
