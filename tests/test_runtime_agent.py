@@ -154,19 +154,36 @@ def test_reset_returns_to_the_prior(bundle):
 
 
 # -- non-stationary tasks ------------------------------------------------------------------
+def switch_episode(switch_at: int, steps: int, seed: int = 0) -> list[tuple]:
+    """Transitions of one point-nav episode whose goal jumps mid-episode (env.set_tasks)."""
+    env = make_family("point-nav", 1)
+    rng = np.random.default_rng(seed)
+    goal_a, goal_b = np.array([[1.0, 0.0]]), np.array([[-1.0, 0.0]])
+    obs = env.reset(goal_a, rng)
+    out = []
+    for t in range(steps):
+        if t == switch_at:
+            env.set_tasks(goal_b)  # the wind changed: same episode, new task
+        act = rng.uniform(-1, 1, (1, 2)).astype(np.float32)
+        res = env.step(act)
+        out.append((obs[0], act[0], float(res.reward[0]), res.obs[0]))
+        obs = res.obs
+    return out
+
+
 def test_forgetting_tracks_a_mid_episode_task_switch(bundle):
-    """After the task switches, a forgetting belief converges to what a fresh agent infers
-    from the new task alone; without forgetting the old task keeps its weight."""
-    before = transitions(200, seed=1, reward_shift=0.0)
-    after = transitions(40, seed=2, reward_shift=3.0)  # the task changed: rewards shift
-    fresh = make_agent(bundle, forget=0.8)
-    feed(fresh, after)
+    """After the goal jumps mid-episode, a forgetting belief converges to what a fresh agent
+    infers from the new task's transitions alone; without forgetting the old task keeps its
+    weight."""
+    trans = switch_episode(switch_at=60, steps=100)
     gaps, start_gaps = {}, {}
     for forget in (0.8, 1.0):
+        fresh = make_agent(bundle, forget=forget)  # knows only the new task
+        feed(fresh, trans[60:])
         agent = make_agent(bundle, forget=forget)
-        feed(agent, before)
+        feed(agent, trans[:60])
         start_gaps[forget] = np.abs(agent.belief.mean - fresh.belief.mean).max()
-        feed(agent, after)
+        feed(agent, trans[60:])
         gaps[forget] = np.abs(agent.belief.mean - fresh.belief.mean).max()
     assert gaps[0.8] < start_gaps[0.8] / 100  # the old task is forgotten ...
     assert gaps[1.0] > 20 * gaps[0.8]  # ... which it is not without forgetting
