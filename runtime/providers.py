@@ -140,11 +140,23 @@ def make_session(
     providers: list[str] | None = None,
     tuning: SessionTuning | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession on the best available providers, tuned for single samples."""
+    """An InferenceSession on the best available providers, tuned for single samples.
+
+    If creating the session fails on an accelerator (a TensorRT engine that does not build, a
+    CUDA initialization error), the next provider in the list is tried, down to the CPU.
+    """
     tuning = tuning or SessionTuning()
     chosen = choose_providers(providers)
-    sess = ort.InferenceSession(
-        str(path), session_options(tuning), providers=provider_options(chosen, tuning)
-    )
-    log.debug("session %s on %s", Path(path).name, sess.get_providers())
-    return sess
+    while True:
+        try:
+            sess = ort.InferenceSession(
+                str(path), session_options(tuning), providers=provider_options(chosen, tuning)
+            )
+        except Exception as exc:  # onnxruntime raises several types from provider setup
+            if len(chosen) == 1:
+                raise
+            log.warning("%s failed on %s (%s); falling back", Path(path).name, chosen[0], exc)
+            chosen = chosen[1:]
+            continue
+        log.debug("session %s on %s", Path(path).name, sess.get_providers())
+        return sess
