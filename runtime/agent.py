@@ -452,6 +452,8 @@ class Agent:
                 f"reward: expected {self.batch} float value(s), "
                 f"got {arr.dtype} array of shape {arr.shape}"
             )
+        if arr.dtype == np.float32:
+            return arr.reshape(self.batch)
         with np.errstate(over="ignore"):  # beyond float32 range becomes inf: refused
             return arr.reshape(self.batch).astype(np.float32)
 
