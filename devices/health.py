@@ -136,7 +136,16 @@ def agent_config_for(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MB)."""
+    """Peak resident memory of this process (MB).
+
+    On Linux this reads ``VmHWM`` from /proc: ``ru_maxrss`` survives ``execve``, so a gate
+    spawned from a large parent (a trainer with torch loaded) would report the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
 
