@@ -121,6 +121,22 @@ class FieldRunner:
 
     def __init__(self, opts: RunnerOptions) -> None:
         self.opts = opts
+        self._load_agents()
+        self.rate_hz = opts.rate_hz or self.profile.control_rate_hz
+        self.env = make_family(opts.sim or self.agent.manifest.env, 1)
+        self.mode = Mode.ADAPTIVE
+        self.commanded_safe = False
+        self.calm = 0
+        self.trace = Trace()
+        self.telemetry = None
+        self._commands: collections.deque[Any] = collections.deque()
+        self._updates: collections.deque[Any] = collections.deque()
+        self._stop = threading.Event()
+        self._step = 0
+
+    def _load_agents(self) -> None:
+        """Boot the active slot's bundle with the settings the health gate tested."""
+        opts = self.opts
         root = Path(opts.device_root)
         self.bundle = boot(root)
         key = pubkey_path(root)
@@ -136,16 +152,6 @@ class FieldRunner:
             if opts.safe == "prior"
             else None
         )
-        self.rate_hz = opts.rate_hz or self.profile.control_rate_hz
-        self.env = make_family(opts.sim or self.agent.manifest.env, 1)
-        self.mode = Mode.ADAPTIVE
-        self.commanded_safe = False
-        self.calm = 0
-        self.trace = Trace()
-        self.telemetry = None
-        self._commands: collections.deque[Any] = collections.deque()
-        self._stop = threading.Event()
-        self._step = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> Trace:
@@ -255,6 +261,30 @@ class FieldRunner:
             elif cmd.name == "set-mode":
                 self.commanded_safe = cmd.args.get("mode") == "safe"
                 self._set_mode(Mode.SAFE if self.commanded_safe else Mode.ADAPTIVE, "command")
+            elif cmd.name == "update-bundle":
+                threading.Thread(target=self._update, args=(cmd,), daemon=True).start()
+        while self._updates:
+            self._switch_bundle(self._updates.popleft())
+
+    def _update(self, cmd: Any) -> None:
+        """Background thread: fetch, verify and flash (A/B + health gate) without stalling."""
+        from devices.remote import remote_update
+
+        root = Path(self.opts.device_root)
+        try:
+            result = remote_update(root, cmd.args["source"], cmd.args["sha256"], pubkey_path(root))
+        except Exception as exc:  # a failed update must never stop the device
+            log.exception("remote update failed")
+            self._event("update_failed", {"source": cmd.args.get("source"), "error": repr(exc)})
+            return
+        self._updates.append(result)
+
+    def _switch_bundle(self, result: Any) -> None:
+        """Control loop: report the flash result; on success run the new bundle from now on."""
+        self._event(*_result_event(result))
+        if result.ok:
+            self._load_agents()
+            self._event("bundle_switched", {"bundle": str(self.bundle), "step": self._step})
 
     def _on_command(self, cmd: Any) -> dict[str, Any]:
         """Telemetry worker thread: queue for the control loop, acknowledge at once."""
@@ -322,6 +352,12 @@ class FieldRunner:
         if self.opts.task is not None:
             return [np.asarray(self.opts.task, dtype=np.float64)] * self.opts.tasks
         return list(self.env.sample_tasks(self.opts.split, self.opts.tasks, rng))
+
+
+def _result_event(result: Any) -> tuple[str, dict[str, Any]]:
+    event = result.to_event()
+    kind = str(event.pop("type", "update_ok" if result.ok else "update_failed"))
+    return kind, event
 
 
 def _finite(x: float) -> float | None:

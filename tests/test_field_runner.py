@@ -119,3 +119,53 @@ def test_sigterm_stops_the_real_process_cleanly(device_root: Path) -> None:
     summary = json.loads(out)
     assert summary["stopped_early"] is True
     assert summary["steps"] > 10
+
+
+def test_update_bundle_command_flashes_the_other_slot_and_switches(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from bundle_fixtures import make_run
+
+    from devices.remote import pack_bundle
+    from devices.slots import device_status
+    from export.bundle_writer import ExportOptions, export_bundle
+
+    private, pub = cached_keys(tmp_path_factory)
+    root = tmp_path / "dev"
+    init_device(root, "x86-cpu", pub)
+    assert flash(cached_bundle(tmp_path_factory), root, health_start="spawn").ok
+    new = export_bundle(
+        make_run(tmp_path / "run2", seed=1), tmp_path / "b2", ExportOptions(key=private)
+    )
+    sha = pack_bundle(new.bundle_dir, tmp_path / "b2.tar.gz")
+    runner = FieldRunner(RunnerOptions(root, episodes=1, realtime=False))
+    runner._on_command(_command("update-bundle", source=str(tmp_path / "b2.tar.gz"), sha256=sha))
+    runner._apply_commands()  # starts the background flash
+    wait_for(lambda: bool(runner._updates), 60, "the background update")
+    runner.run()
+    kinds = [e["type"] for e in runner.trace.events]
+    assert "update_ok" in kinds and "bundle_switched" in kinds
+    assert runner.agent.manifest.bundle_id == new.manifest.bundle_id
+    assert device_status(root)["active_slot"] == "B"
+
+
+def test_update_bundle_with_a_wrong_digest_is_refused_and_the_device_keeps_running(
+    tmp_path: Path, device_root: Path
+) -> None:
+    runner = FieldRunner(RunnerOptions(device_root, episodes=1, realtime=False))
+    before = runner.agent.manifest.bundle_id
+    runner._on_command(
+        _command("update-bundle", source=str(tmp_path / "nope.tar.gz"), sha256="0" * 64)
+    )
+    runner._apply_commands()
+
+    def finished() -> bool:
+        return bool(runner._updates) or any(
+            e["type"] == "update_failed" for e in runner.trace.events
+        )
+
+    wait_for(finished, 60, "the failed update")
+    trace = runner.run()
+    assert any(e["type"] == "update_failed" for e in trace.events)
+    assert runner.agent.manifest.bundle_id == before
+    assert len(trace.reward) > 0

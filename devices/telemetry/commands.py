@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-ACTIONS = ("reset-belief", "set-mode", "rebirth")
+ACTIONS = ("reset-belief", "set-mode", "rebirth", "update-bundle")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("device", help="device id")
     p.add_argument("action", choices=ACTIONS)
     p.add_argument("value", nargs="?", help="set-mode: safe | adaptive")
+    p.add_argument("--source", help="update-bundle: http(s) URL or absolute path of the bundle")
+    p.add_argument("--sha256", help="update-bundle: sha256 of the bundle archive")
     _broker_args(p)
     p.add_argument("--fleet", default="default", help="the device's fleet")
     p.add_argument("--key", required=True, help="fleet command private key (PEM, Ed25519)")
@@ -145,14 +147,8 @@ def cmd_command(args: argparse.Namespace) -> int:
     from devices.telemetry.commands_proto import COMMANDS, load_private_key
     from devices.telemetry.sender import send_command
     from devices.telemetry.topics import check_id
-    from runtime.errors import ConfigError
 
-    spec = COMMANDS[args.action]
-    if spec and args.value not in next(iter(spec.values())):
-        raise ConfigError(f"{args.action} needs one of {next(iter(spec.values()))}")
-    if not spec and args.value is not None:
-        raise ConfigError(f"{args.action} takes no value")
-    cmd_args = {next(iter(spec)): args.value} if spec else {}
+    cmd_args = _command_args(args, COMMANDS[args.action])
     result = send_command(
         _broker(args), check_id(args.fleet, "fleet"), check_id(args.device, "device"),
         args.action, cmd_args, load_private_key(args.key), ttl_s=args.ttl,
@@ -160,6 +156,26 @@ def cmd_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps(result))
     return 0 if result["status"] in ("ok", "sent") else 1
+
+
+def _command_args(args: argparse.Namespace, spec: dict) -> dict[str, str]:
+    """The signed arguments of a command, checked against its spec before sending."""
+    from devices.telemetry.commands_proto import arg_allowed
+    from runtime.errors import ConfigError
+
+    if args.action == "update-bundle":
+        cmd_args = {"source": args.source, "sha256": args.sha256}
+    elif spec:
+        cmd_args = {next(iter(spec)): args.value}
+    else:
+        if args.value is not None:
+            raise ConfigError(f"{args.action} takes no value")
+        cmd_args = {}
+    for key, value in cmd_args.items():
+        if not arg_allowed(spec[key], value):
+            allowed = spec[key] if isinstance(spec[key], tuple) else spec[key].pattern
+            raise ConfigError(f"{args.action}: {key} must match {allowed}, got {value!r}")
+    return cmd_args
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -35,12 +35,24 @@ if TYPE_CHECKING:
 ENVELOPE_VERSION = 1
 NONCE_PATTERN = re.compile(r"^[0-9a-f]{16,64}$")
 
-#: Known commands and the allowed values of each argument.
-COMMANDS: dict[str, dict[str, tuple[str, ...]]] = {
+#: A bundle source for ``update-bundle``: an http(s) URL or an absolute path, no whitespace.
+SOURCE_PATTERN = re.compile(r"^(https?://|/)[^\s]{1,1000}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+#: Known commands and the allowed values of each argument (a tuple of values or a pattern).
+COMMANDS: dict[str, dict[str, tuple[str, ...] | re.Pattern[str]]] = {
     "reset-belief": {},
     "set-mode": {"mode": ("safe", "adaptive")},
     "rebirth": {},
+    "update-bundle": {"source": SOURCE_PATTERN, "sha256": SHA256_PATTERN},
 }
+
+
+def arg_allowed(allowed: tuple[str, ...] | re.Pattern[str], value: object) -> bool:
+    """Whether ``value`` is an allowed value of a command argument."""
+    if isinstance(allowed, re.Pattern):
+        return isinstance(value, str) and allowed.fullmatch(value) is not None
+    return value in allowed
 
 
 class Reason:
@@ -263,7 +275,7 @@ def _check_args(cmd: Command) -> None:
     spec = COMMANDS.get(cmd.name)
     if spec is None:
         raise _reject(Reason.UNKNOWN_COMMAND, cmd.name[:64], cmd)
-    if set(cmd.args) != set(spec) or any(cmd.args[k] not in spec[k] for k in spec):
+    if set(cmd.args) != set(spec) or not all(arg_allowed(spec[k], cmd.args[k]) for k in spec):
         raise _reject(Reason.BAD_ARGS, f"expected {spec}", cmd)
 
 
