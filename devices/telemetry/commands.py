@@ -173,8 +173,9 @@ def _command_args(args: argparse.Namespace, spec: dict) -> dict[str, str]:
         cmd_args = {}
     for key, value in cmd_args.items():
         if not arg_allowed(spec[key], value):
-            allowed = spec[key] if isinstance(spec[key], tuple) else spec[key].pattern
-            raise ConfigError(f"{args.action}: {key} must match {allowed}, got {value!r}")
+            if isinstance(spec[key], tuple):
+                raise ConfigError(f"{args.action} needs one of {spec[key]}, got {value!r}")
+            raise ConfigError(f"{args.action}: --{key} must match {spec[key].pattern}")
     return cmd_args
 
 
