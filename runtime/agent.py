@@ -484,7 +484,7 @@ def evaluate_bundle(
     episodes = int(episodes or (eval_cfg.get("episodes", 3) if isinstance(eval_cfg, dict) else 3))
     from dataclasses import replace
 
-    from runtime.evaluation import EvalReport, RandomPolicy, held_out_tasks, normalize, rollout
+    from runtime.evaluation import held_out_tasks, meta_test
     from runtime.tasks import make_family
 
     config = config or AgentConfig()
@@ -494,27 +494,10 @@ def evaluate_bundle(
     task_set = held_out_tasks(family, split, n, seed)
     adaptive = Agent(manifest, bundle_dir, config=config)
     fixed = Agent(manifest, bundle_dir, config=replace(config, adaptive=False))
-    res = rollout(adaptive, env, task_set, episodes, seed)
-    res_fixed = rollout(fixed, env, task_set, episodes, seed)
-    rand = rollout(
-        RandomPolicy(family.spec.act_dim, np.random.default_rng(seed)), env, task_set, 1, seed
-    )
-    random_return = float(rand.returns_TE.mean())
-    return EvalReport(
-        env=env,
-        split=str(split),
-        tasks=n,
-        episodes=episodes,
-        return_by_episode=res.by_episode,
-        normalized_by_episode=normalize(res.by_episode, random_return, oracle_return),
-        nonadaptive_return_by_episode=res_fixed.by_episode,
-        nonadaptive_normalized_by_episode=normalize(
-            res_fixed.by_episode, random_return, oracle_return
-        ),
-        oracle_return=oracle_return,
-        random_return=random_return,
+    return meta_test(
+        adaptive, fixed, env, task_set, episodes, seed, str(split), oracle_return,
         source=str(bundle_dir),
-    )
+    )  # fmt: skip
 
 
 def _zero_action(low: np.ndarray, half: np.ndarray) -> np.ndarray:

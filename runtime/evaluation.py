@@ -127,3 +127,37 @@ def normalize(returns: list[float], random_return: float, oracle_return: float |
     if oracle_return is None or abs(oracle_return - random_return) < 1e-9:
         return None
     return [(r - random_return) / (oracle_return - random_return) for r in returns]
+
+
+def meta_test(
+    adaptive: AdaptivePolicy,
+    fixed: AdaptivePolicy,
+    env_name: str,
+    tasks_TK: np.ndarray,
+    episodes: int,
+    seed: int,
+    split: str,
+    oracle_return: float | None,
+    source: str = "",
+) -> EvalReport:
+    """Adaptive vs non-adaptive vs random on the same tasks and seeds, as one report."""
+    act_dim = make_family(env_name, 1).spec.act_dim
+    res = rollout(adaptive, env_name, tasks_TK, episodes, seed)
+    res_fixed = rollout(fixed, env_name, tasks_TK, episodes, seed)
+    rand = rollout(RandomPolicy(act_dim, np.random.default_rng(seed)), env_name, tasks_TK, 1, seed)
+    random_return = float(rand.returns_TE.mean())
+    return EvalReport(
+        env=env_name,
+        split=str(split),
+        tasks=len(tasks_TK),
+        episodes=episodes,
+        return_by_episode=res.by_episode,
+        normalized_by_episode=normalize(res.by_episode, random_return, oracle_return),
+        nonadaptive_return_by_episode=res_fixed.by_episode,
+        nonadaptive_normalized_by_episode=normalize(
+            res_fixed.by_episode, random_return, oracle_return
+        ),
+        oracle_return=oracle_return,
+        random_return=random_return,
+        source=source,
+    )

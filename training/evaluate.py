@@ -7,13 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import CheckpointError
-from runtime.evaluation import (
-    EvalReport,
-    RandomPolicy,
-    held_out_tasks,
-    normalize,
-    rollout,
-)
+from runtime.evaluation import EvalReport, held_out_tasks, meta_test, rollout
 from runtime.tasks import make_family
 from training.agent import policy_latent_dim
 from training.checkpoint import LoadedRun, load_run
@@ -35,23 +29,16 @@ def evaluate_run(
     n = tasks or cfg.eval.tasks
     env = cfg.env.name
     task_set = held_out_tasks(make_family(env, 1), split, n, seed)
-    adaptive = rollout(policy_for(run, adaptive=True), env, task_set, episodes, seed)
-    fixed = rollout(policy_for(run, adaptive=False), env, task_set, episodes, seed)
-    spec = run.family.spec
-    rand = rollout(RandomPolicy(spec.act_dim, np.random.default_rng(seed)), env, task_set, 1, seed)
     oracle_return = _oracle_return(run, oracle_run, task_set, seed)
-    random_return = float(rand.returns_TE.mean())
-    return EvalReport(
-        env=env,
-        split=str(split),
-        tasks=n,
-        episodes=episodes,
-        return_by_episode=adaptive.by_episode,
-        normalized_by_episode=normalize(adaptive.by_episode, random_return, oracle_return),
-        nonadaptive_return_by_episode=fixed.by_episode,
-        nonadaptive_normalized_by_episode=normalize(fixed.by_episode, random_return, oracle_return),
-        oracle_return=oracle_return,
-        random_return=random_return,
+    return meta_test(
+        policy_for(run, adaptive=True),
+        policy_for(run, adaptive=False),
+        env,
+        task_set,
+        episodes,
+        seed,
+        str(split),
+        oracle_return,
         source=str(run_dir),
     )
 
