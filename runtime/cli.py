@@ -27,6 +27,9 @@ COMMAND_MODULES = (
 )
 
 
+OWN_LOGGERS = ("runtime", "training", "export", "devices")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every installed package's subcommands."""
     parser = argparse.ArgumentParser(
@@ -53,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgeadapt`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Third-party libraries (onnxruntime's quantizer) log chatter on the root logger: keep it at
+    # WARNING and show our own packages' INFO lines.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for package in OWN_LOGGERS:
+        logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.handler(args) or 0)
     except EdgeadaptError as exc:
