@@ -60,6 +60,37 @@ class MultiTaskReplay:
             self.done[rows, slots],
         )
 
+    def sample_episode_prefixes(
+        self,
+        task_idx: np.ndarray,
+        length: int,
+        horizon: int,
+        recent_episodes: int,
+        rng: np.random.Generator,
+    ) -> tuple[TransitionBatch, np.ndarray]:
+        """``length`` consecutive transitions per task, starting where a recent episode started.
+
+        Collection writes whole episodes of ``horizon`` steps, so episode starts lie at
+        ``head - e * horizon``. The start is one of the last ``recent_episodes`` episodes; the
+        sequence may run on into the episodes after it (as the belief carries over at meta-test).
+        Also returns how many of the ``length`` transitions are real (not past the newest one).
+        """
+        stored = self.size[task_idx] // horizon
+        if np.any(stored == 0):
+            raise ValueError("sampling an episode prefix from a task with no complete episode")
+        back = (rng.random(len(task_idx)) * np.minimum(stored, recent_episodes)).astype(np.int64)
+        start = self.head[task_idx] - (back + 1) * horizon
+        slots = (start[:, None] + np.arange(length)[None, :]) % self.capacity
+        rows = task_idx[:, None]
+        batch = TransitionBatch(
+            self.obs[rows, slots],
+            self.action[rows, slots],
+            self.reward[rows, slots],
+            self.next_obs[rows, slots],
+            self.done[rows, slots],
+        )
+        return batch, np.minimum((back + 1) * horizon, length)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in _FIELDS}
 

@@ -69,7 +69,23 @@ class PEARLConfig(_Section):
         False, description="privileged oracle: the true (normalized) task vector replaces z"
     )
     kl_weight: float = Field(0.1, ge=0, description="weight of KL(q(z|c) || prior)")
-    context_size: int = Field(64, ge=1, description="transitions in each training context")
+    lr_encoder: float | None = Field(
+        None, gt=0, description="context encoder learning rate; None = sac.lr_critic"
+    )
+    context_size: int = Field(
+        64, ge=1, description="most transitions in a training context (each draws U{1..C} of them)"
+    )
+    context_sampling: Literal["episodes", "uniform"] = Field(
+        "episodes",
+        description=(
+            "'episodes': a context is the first k transitions from the start of a recent "
+            "episode, what the online belief has seen k steps into a task at meta-test; "
+            "'uniform': k transitions drawn anywhere in the task's buffer (official PEARL)"
+        ),
+    )
+    context_episodes: int = Field(
+        4, ge=1, description="'episodes' sampling: starts are drawn among this many newest episodes"
+    )
     meta_batch: int = Field(16, ge=1, description="tasks per gradient step")
     forget: float = Field(1.0, gt=0, le=1, description="belief forgetting factor at deployment")
 

@@ -103,12 +103,14 @@ def init_state(cfg: TrainConfig) -> TrainState:
     spec = family.spec
     train_tasks = train_task_set(family, cfg, rng)
     nets = build_networks(cfg, spec)
-    critic_params = list(nets.critic.parameters())
+    # The encoder is optimized with the critic: the Bellman loss (+ KL) is what trains it.
+    critic_groups: list[dict[str, Any]] = [{"params": list(nets.critic.parameters())}]
     if nets.encoder is not None:
-        critic_params += list(nets.encoder.parameters())
+        lr_encoder = cfg.pearl.lr_encoder or cfg.sac.lr_critic
+        critic_groups.append({"params": list(nets.encoder.parameters()), "lr": lr_encoder})
     optimizers = {
         "actor": torch.optim.Adam(nets.actor.parameters(), lr=cfg.sac.lr_actor),
-        "critic": torch.optim.Adam(critic_params, lr=cfg.sac.lr_critic),
+        "critic": torch.optim.Adam(critic_groups, lr=cfg.sac.lr_critic),
     }
     if cfg.sac.alpha == "auto":
         optimizers["alpha"] = torch.optim.Adam([nets.log_alpha], lr=cfg.sac.lr_alpha)
@@ -190,17 +192,8 @@ def sample_batch(state: TrainState) -> TorchBatch:
     if cfg.pearl.oracle:
         task_z = torch.from_numpy(normalize_task(state.train_tasks[ids], spec_env))
     else:
-        c = cfg.pearl.context_size
-        ctx = state.buffer.sample(ids, c, state.rng)
-        context = torch.from_numpy(
-            np.concatenate(
-                [ctx.obs, ctx.action, ctx.reward[..., None], ctx.next_obs], axis=-1
-            ).astype(np.float32)
-        )
+        context, mask = sample_context(state, ids, spec_env.horizon)
         assert context.shape[-1] == transition_dim(spec_env.obs_dim, spec_env.act_dim)
-        # Variable context sizes: on a device the belief starts from 1 transition, not C.
-        sizes = state.rng.integers(1, c + 1, size=m)
-        mask = torch.from_numpy((np.arange(c)[None, :] < sizes[:, None]).astype(np.float32))
     return TorchBatch(
         obs=flat[0],
         action=flat[1],
@@ -212,6 +205,35 @@ def sample_batch(state: TrainState) -> TorchBatch:
         task_z=task_z,
         per_task=cfg.sac.batch_size,
     )
+
+
+def sample_context(
+    state: TrainState, ids: np.ndarray, horizon: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded contexts ``(M, C, D)`` and masks ``(M, C)`` keeping the first k ~ U{1..C}.
+
+    Variable sizes because on a device the belief starts from 1 transition, not C. With
+    'episodes' sampling the k transitions are the start of a recent episode (and the episodes
+    after it): exactly the evidence the online belief holds k steps into a task at meta-test.
+    Random transitions from the whole buffer (official PEARL) cover far more of the task than
+    an agent's own first steps do, and an encoder trained only on them can be confidently wrong
+    on those first steps (measured on point-nav: z from 64 buffer transitions gives near-oracle
+    returns, the online belief after a whole episode does not).
+    """
+    cfg = state.cfg.pearl
+    c = cfg.context_size
+    if cfg.context_sampling == "episodes":
+        ctx, available = state.buffer.sample_episode_prefixes(
+            ids, c, horizon, cfg.context_episodes, state.rng
+        )
+    else:
+        ctx, available = state.buffer.sample(ids, c, state.rng), np.full(len(ids), c)
+    sizes = (state.rng.random(len(ids)) * available).astype(np.int64) + 1
+    mask = (np.arange(c)[None, :] < sizes[:, None]).astype(np.float32)
+    context = np.concatenate(
+        [ctx.obs, ctx.action, ctx.reward[..., None], ctx.next_obs], axis=-1
+    ).astype(np.float32)
+    return torch.from_numpy(context), torch.from_numpy(mask)
 
 
 def update(state: TrainState) -> dict[str, float]:
