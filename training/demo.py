@@ -38,6 +38,11 @@ QUICK = [
 ]
 
 
+#: The full demo's training budget: sized so `make demo` stays within 10 minutes on 2 cores
+#: (the default configs train longer; `edgeadapt train configs/pearl/drone-wind.yaml` for that).
+FULL_BUDGET = {"oracle": ["train.iterations=50"], "pearl": ["train.iterations=100"]}
+
+
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train -> export -> flash -> fly through wind -> report")
     p.add_argument("--out", default="reports/demo", help="report folder (overwritten)")
@@ -78,10 +83,11 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: list[str]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     extra = (QUICK if quick else []) + [f"seed={seed}"] + list(overrides or [])
+    budget = {role: [] if quick else list(v) for role, v in FULL_BUDGET.items()}
     summary: dict[str, Any] = {"env": ENV, "quick": quick, "seed": seed}
     t0 = time.perf_counter()
     with Stage(1, f"meta-train the privileged oracle and PEARL on {ENV}"):
-        runs = train_both(out / "runs", extra, summary)
+        runs = train_both(out / "runs", extra, budget, summary)
     with Stage(2, "export, sign and verify the bundle"):
         bundle, pub = export_signed(runs["pearl"], out, summary)
     with Stage(3, "provision a device root and flash the bundle (A/B, health gate)"):
@@ -106,14 +112,16 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: list[str]
 
 
 # -- stages ---------------------------------------------------------------------------------
-def train_both(runs: Path, extra: list[str], summary: dict[str, Any]) -> dict[str, Path]:
+def train_both(
+    runs: Path, extra: list[str], budget: dict[str, list[str]], summary: dict[str, Any]
+) -> dict[str, Path]:
     from training.config import load_train_config
     from training.pearl import train
 
     paths = {"oracle": runs / f"{ENV}-oracle", "pearl": runs / ENV}
     for role in ("oracle", "pearl"):
         name = f"{ENV}-oracle" if role == "oracle" else ENV
-        overrides = [*extra, f"eval.oracle_run={paths['oracle']}"]
+        overrides = [*budget[role], *extra, f"eval.oracle_run={paths['oracle']}"]
         cfg = load_train_config(CONFIG_DIR / f"{name}.yaml", overrides)
         start = time.perf_counter()
         state = train(cfg, paths[role], progress=True)
