@@ -129,3 +129,34 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, tiny_run: Pat
     resumed = load_run(tmp_path / "resumed").nets.actor.state_dict()
     for key in full:
         torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0)
+
+
+def test_episode_prefix_contexts_start_at_episode_starts_and_stay_in_order() -> None:
+    from training.buffer import MultiTaskReplay, TransitionBatch
+
+    horizon, capacity = 5, 23  # capacity not a multiple of the horizon: wrap-around is exercised
+    buf = MultiTaskReplay(2, capacity, obs_dim=1, act_dim=1)
+    step = 0
+    for _ in range(7):  # 7 episodes: the ring buffer has wrapped
+        for t in range(horizon):
+            # obs = global step, action = step within the episode
+            buf.add(
+                np.array([0, 1]),
+                TransitionBatch(
+                    np.full((2, 1), step, np.float32),
+                    np.full((2, 1), t, np.float32),
+                    np.zeros(2, np.float32),
+                    np.zeros((2, 1), np.float32),
+                    np.zeros(2, np.float32),
+                ),
+            )
+            step += 1
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ctx, available = buf.sample_episode_prefixes(np.array([0, 1]), 8, horizon, 3, rng)
+        assert np.all(ctx.action[:, 0, 0] == 0), "a context starts at an episode's first step"
+        first = ctx.obs[:, 0, 0]
+        assert np.all(first >= step - 3 * horizon), "starts only among the 3 newest episodes"
+        for row, n in enumerate(available):
+            assert 1 <= n <= 8 and first[row] + n <= step, "never past the newest transition"
+            np.testing.assert_array_equal(ctx.obs[row, :n, 0], first[row] + np.arange(n))

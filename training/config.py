@@ -75,12 +75,13 @@ class PEARLConfig(_Section):
     context_size: int = Field(
         64, ge=1, description="most transitions in a training context (each draws U{1..C} of them)"
     )
-    context_sampling: Literal["episodes", "uniform"] = Field(
+    context_sampling: Literal["episodes", "uniform", "mixed"] = Field(
         "episodes",
         description=(
             "'episodes': a context is the first k transitions from the start of a recent "
             "episode, what the online belief has seen k steps into a task at meta-test; "
-            "'uniform': k transitions drawn anywhere in the task's buffer (official PEARL)"
+            "'uniform': k transitions drawn anywhere in the task's buffer (official PEARL); "
+            "'mixed': each task of a meta-batch draws one of the two at random"
         ),
     )
     context_episodes: int = Field(
@@ -103,6 +104,15 @@ class TrainLoopConfig(_Section):
         1, ge=0, description="episodes per visited task with z inferred online (adapted data)"
     )
     updates_per_iter: int = Field(100, ge=1, description="gradient steps per iteration")
+    lr_final: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "every learning rate decays linearly to lr_final x its start value over the run "
+            "(1 = constant); a small final rate lets the policy settle precisely"
+        ),
+    )
     buffer_size: int = Field(20_000, ge=100, description="transitions kept per task")
     eval_every: int = Field(20, ge=1, description="iterations between evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")

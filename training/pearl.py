@@ -22,7 +22,7 @@ from runtime.evaluation import held_out_tasks, rollout
 from runtime.tasks import Split, TaskFamily, make_family
 from runtime.transition import transition_dim
 from training.agent import PearlNetworks, build_networks, normalize_task, policy_latent_dim
-from training.buffer import MultiTaskReplay
+from training.buffer import MultiTaskReplay, TransitionBatch
 from training.checkpoint import (
     LATEST,
     checkpoint_dir,
@@ -77,6 +77,7 @@ def train(
     while state.iteration < cfg.train.iterations:
         ids = state.rng.choice(len(state.train_tasks), cfg.train.tasks_per_iter, replace=False)
         train_return = collect_iteration(state, env, ids)
+        set_learning_rates(state)
         stats = [update(state) for _ in range(cfg.train.updates_per_iter)]
         state.iteration += 1
         row = metrics_row(state, stats, train_return, time.perf_counter() - start, steps_at_start)
@@ -222,18 +223,40 @@ def sample_context(
     """
     cfg = state.cfg.pearl
     c = cfg.context_size
-    if cfg.context_sampling == "episodes":
+    if cfg.context_sampling == "uniform":
+        ctx, available = state.buffer.sample(ids, c, state.rng), np.full(len(ids), c)
+    else:
         ctx, available = state.buffer.sample_episode_prefixes(
             ids, c, horizon, cfg.context_episodes, state.rng
         )
-    else:
-        ctx, available = state.buffer.sample(ids, c, state.rng), np.full(len(ids), c)
+    if cfg.context_sampling == "mixed":
+        anywhere = state.rng.random(len(ids)) < 0.5
+        uniform = state.buffer.sample(ids, c, state.rng)
+        pairs = zip(ctx, uniform, strict=True)
+        ctx = TransitionBatch(*(np.where(_rows(anywhere, a), u, a) for a, u in pairs))
+        available = np.where(anywhere, c, available)
     sizes = (state.rng.random(len(ids)) * available).astype(np.int64) + 1
     mask = (np.arange(c)[None, :] < sizes[:, None]).astype(np.float32)
     context = np.concatenate(
         [ctx.obs, ctx.action, ctx.reward[..., None], ctx.next_obs], axis=-1
     ).astype(np.float32)
     return torch.from_numpy(context), torch.from_numpy(mask)
+
+
+def _rows(mask_M: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return mask_M.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def set_learning_rates(state: TrainState) -> None:
+    """Linear decay from each group's start rate to ``lr_final`` x it (a function of the
+    iteration only, so a resumed run follows the same schedule)."""
+    cfg = state.cfg.train
+    frac = state.iteration / max(cfg.iterations - 1, 1)
+    factor = 1.0 + (cfg.lr_final - 1.0) * min(frac, 1.0)
+    for opt in state.optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
 
 
 def update(state: TrainState) -> dict[str, float]:
