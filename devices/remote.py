@@ -19,7 +19,6 @@ the device's key: the sha256 only ties the download to the command.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tarfile
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from devices.flash import FlashResult, flash_with_lock_held, manifest_sha256, recover, refusal
 from devices.slots import device_lock, read_device_info
+from runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ INCOMING_DIR = "incoming"
 #: Largest archive (bytes) a device downloads or unpacks.
 MAX_BYTES = 512 * 1024 * 1024
 _CHUNK = 1 << 20
+sha256_of = sha256_file  # the bundle's own file hashing, under this module's name
 
 
 class FetchError(Exception):
@@ -133,16 +134,6 @@ def unpack_bundle(archive: Path, dest: Path, max_bytes: int = MAX_BYTES) -> Path
     return dest
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# -- helpers ---------------------------------------------------------------------------------
 def _download(url: str, out: Path, timeout_s: float, max_bytes: int = MAX_BYTES) -> Path:
     size = 0
     try:
