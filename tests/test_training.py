@@ -131,10 +131,10 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, tiny_run: Pat
         torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0)
 
 
-def test_episode_prefix_contexts_start_at_episode_starts_and_stay_in_order() -> None:
+def test_episode_contexts_stand_for_the_first_k_transitions_of_a_recent_episode() -> None:
     from training.buffer import MultiTaskReplay, TransitionBatch
 
-    horizon, capacity = 5, 23  # capacity not a multiple of the horizon: wrap-around is exercised
+    horizon, capacity, size = 5, 23, 8  # capacity not a multiple of the horizon: wraps around
     buf = MultiTaskReplay(2, capacity, obs_dim=1, act_dim=1)
     step = 0
     for _ in range(7):  # 7 episodes: the ring buffer has wrapped
@@ -152,11 +152,27 @@ def test_episode_prefix_contexts_start_at_episode_starts_and_stay_in_order() -> 
             )
             step += 1
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        ctx, available = buf.sample_episode_prefixes(np.array([0, 1]), 8, horizon, 3, rng)
-        assert np.all(ctx.action[:, 0, 0] == 0), "a context starts at an episode's first step"
-        first = ctx.obs[:, 0, 0]
-        assert np.all(first >= step - 3 * horizon), "starts only among the 3 newest episodes"
-        for row, n in enumerate(available):
-            assert 1 <= n <= 8 and first[row] + n <= step, "never past the newest transition"
-            np.testing.assert_array_equal(ctx.obs[row, :n, 0], first[row] + np.arange(n))
+    seen_long = seen_short = False
+    for _ in range(200):
+        ctx, weight = buf.sample_episode_context(np.array([0, 1]), size, horizon, 3, rng)
+        for row in range(2):
+            obs, w = ctx.obs[row, :, 0], weight[row]
+            used = obs[w > 0]
+            k = round(float(w.sum()))  # the weights add up to the k transitions stood for
+            # Some start of the 3 newest episodes has all used transitions among its first k,
+            # never past the newest one.
+            starts = [step - e * horizon for e in (1, 2, 3)]
+            assert any(np.all((used >= s) & (used < s + k)) and s + k <= step for s in starts), (
+                used,
+                k,
+            )
+            if k <= size:
+                seen_short = True
+                assert ctx.action[row, 0, 0] == 0, "a short context starts an episode"
+                np.testing.assert_array_equal(used, used[0] + np.arange(k))
+                assert np.all(w[:k] == 1) and np.all(w[k:] == 0)
+            else:
+                seen_long = True
+                assert len(np.unique(used)) == size, "k > size: distinct transitions"
+                np.testing.assert_allclose(w, k / size)
+    assert seen_short and seen_long

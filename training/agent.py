@@ -53,8 +53,10 @@ def build_networks(cfg: TrainConfig, spec: FamilySpec) -> PearlNetworks:
         )
     )
     actor = TanhGaussianActor(spec.obs_dim, z, spec.act_dim, cfg.model.hidden)
-    critic = TwinCritic(spec.obs_dim, spec.act_dim, z, cfg.model.hidden)
-    target = TwinCritic(spec.obs_dim, spec.act_dim, z, cfg.model.hidden)
+    critic_hidden = cfg.model.critic_hidden or cfg.model.hidden
+    norm = cfg.model.critic_layer_norm
+    critic = TwinCritic(spec.obs_dim, spec.act_dim, z, critic_hidden, layer_norm=norm)
+    target = TwinCritic(spec.obs_dim, spec.act_dim, z, critic_hidden, layer_norm=norm)
     target.load_state_dict(critic.state_dict())
     for p in target.parameters():
         p.requires_grad_(False)

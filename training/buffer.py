@@ -60,27 +60,42 @@ class MultiTaskReplay:
             self.done[rows, slots],
         )
 
-    def sample_episode_prefixes(
+    def sample_episode_context(
         self,
         task_idx: np.ndarray,
-        length: int,
+        size: int,
         horizon: int,
         recent_episodes: int,
         rng: np.random.Generator,
     ) -> tuple[TransitionBatch, np.ndarray]:
-        """``length`` consecutive transitions per task, starting where a recent episode started.
+        """What an online belief holds k steps after a recent episode started, in ``size`` slots.
 
         Collection writes whole episodes of ``horizon`` steps, so episode starts lie at
-        ``head - e * horizon``. The start is one of the last ``recent_episodes`` episodes; the
-        sequence may run on into the episodes after it (as the belief carries over at meta-test).
-        Also returns how many of the ``length`` transitions are real (not past the newest one).
+        ``head - e * horizon``. A start is drawn among the last ``recent_episodes`` episodes and
+        k ~ U{1..transitions from there to the newest} (runs on into later episodes, as the
+        belief carries over at meta-test). When k <= size the context is those k transitions
+        (weight 1, the rest weight 0). When k > size, ``size`` distinct ones are drawn uniformly
+        among the k and weighted k / size: the posterior's natural parameters are sums over
+        transitions, so the weighted sums are unbiased for the full k-transition belief, at a
+        fixed cost whatever the horizon.
+
+        Returns transitions ``(M, size, ...)`` and weights ``(M, size)``.
         """
         stored = self.size[task_idx] // horizon
         if np.any(stored == 0):
-            raise ValueError("sampling an episode prefix from a task with no complete episode")
-        back = (rng.random(len(task_idx)) * np.minimum(stored, recent_episodes)).astype(np.int64)
-        start = self.head[task_idx] - (back + 1) * horizon
-        slots = (start[:, None] + np.arange(length)[None, :]) % self.capacity
+            raise ValueError("sampling an episode context from a task with no complete episode")
+        m = len(task_idx)
+        back = (rng.random(m) * np.minimum(stored, recent_episodes)).astype(np.int64) + 1
+        k = (rng.random(m) * back * horizon).astype(np.int64) + 1
+        slot = np.arange(size)[None, :]
+        # A uniform subset of `size` distinct offsets among the first k: sort random keys.
+        keys = rng.random((m, max(int(k.max()), size)))
+        keys[np.arange(keys.shape[1])[None, :] >= k[:, None]] = np.inf
+        subset = np.sort(np.argsort(keys, axis=1)[:, :size], axis=1)
+        long = (k > size)[:, None]
+        offset = np.where(long, subset, slot)
+        weight = np.where(long, k[:, None] / size, (slot < k[:, None]).astype(np.float64))
+        slots = (self.head[task_idx][:, None] - back[:, None] * horizon + offset) % self.capacity
         rows = task_idx[:, None]
         batch = TransitionBatch(
             self.obs[rows, slots],
@@ -89,7 +104,7 @@ class MultiTaskReplay:
             self.next_obs[rows, slots],
             self.done[rows, slots],
         )
-        return batch, np.minimum((back + 1) * horizon, length)
+        return batch, weight.astype(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in _FIELDS}

@@ -34,15 +34,21 @@ class ModelConfig(_Section):
         (200, 200, 200), description="hidden widths of the per-transition context encoder"
     )
     hidden: tuple[int, ...] = Field((256, 256), description="hidden widths of actor and critics")
+    critic_hidden: tuple[int, ...] | None = Field(
+        None, description="hidden widths of the critics if not `hidden` (critics are not exported)"
+    )
+    critic_layer_norm: bool = Field(
+        False, description="LayerNorm after each hidden layer of the critics (steadier at high lr)"
+    )
     prior_var: float = Field(1.0, gt=0, description="variance of the N(0, prior_var I) prior")
     min_var: float = Field(
         1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"
     )
 
-    @field_validator("encoder_hidden", "hidden")
+    @field_validator("encoder_hidden", "hidden", "critic_hidden")
     @classmethod
-    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(w < 1 for w in v):
+    def _positive(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (not v or any(w < 1 for w in v)):
             raise ValueError("expected a non-empty list of positive widths")
         return v
 

@@ -42,7 +42,7 @@ class TorchBatch:
     next_obs: torch.Tensor  # (M*B, O)
     done: torch.Tensor  # (M*B,)
     context: torch.Tensor | None  # (M, C, D) encoded transitions
-    context_mask: torch.Tensor | None  # (M, C) 1 = transition used
+    context_mask: torch.Tensor | None  # (M, C) weight of each transition's factor, 0 = unused
     task_z: torch.Tensor | None  # (M, K) normalized task vectors (oracle)
     per_task: int  # B
 
@@ -50,10 +50,13 @@ class TorchBatch:
 def infer_posterior(
     nets: PearlNetworks, context_MCD: torch.Tensor, mask_MC: torch.Tensor, prior_var: float
 ) -> Posterior:
-    """Product of the masked per-transition factors and the prior."""
+    """Product of the per-transition factors (each raised to its weight) and the prior.
+
+    Weight 1 is a plain factor; a masked-out transition (weight 0) contributes zero precision
+    (var -> inf); weight w stands for w transitions like it (subsampled long contexts).
+    """
     assert nets.encoder is not None
     mu, var = nets.encoder(context_MCD)
-    # A masked-out transition contributes zero precision: var -> inf (1/var -> 0).
     inv = mask_MC.unsqueeze(-1) / var
     precision = 1.0 / prior_var + inv.sum(dim=1)
     eta = (mu * inv).sum(dim=1)

@@ -19,12 +19,17 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG2 = math.log(2.0)
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
-    """ReLU multi-layer perceptron with a linear output layer."""
+def mlp(
+    in_dim: int, hidden: tuple[int, ...], out_dim: int, layer_norm: bool = False
+) -> nn.Sequential:
+    """ReLU multi-layer perceptron with a linear output layer (optionally LayerNorm'd)."""
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden:
-        layers += [nn.Linear(last, width), nn.ReLU()]
+        layers.append(nn.Linear(last, width))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(nn.ReLU())
         last = width
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
@@ -91,11 +96,18 @@ class TanhGaussianActor(nn.Module):
 class TwinCritic(nn.Module):
     """Two Q-networks on (obs, action, z); returns both estimates."""
 
-    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int, hidden: tuple[int, ...]):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        latent_dim: int,
+        hidden: tuple[int, ...],
+        layer_norm: bool = False,
+    ):
         super().__init__()
         in_dim = obs_dim + act_dim + latent_dim
-        self.q1 = mlp(in_dim, hidden, 1)
-        self.q2 = mlp(in_dim, hidden, 1)
+        self.q1 = mlp(in_dim, hidden, 1, layer_norm)
+        self.q2 = mlp(in_dim, hidden, 1, layer_norm)
 
     def forward(
         self, obs_BO: torch.Tensor, act_BA: torch.Tensor, z_BZ: torch.Tensor

@@ -211,36 +211,43 @@ def sample_batch(state: TrainState) -> TorchBatch:
 def sample_context(
     state: TrainState, ids: np.ndarray, horizon: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded contexts ``(M, C, D)`` and masks ``(M, C)`` keeping the first k ~ U{1..C}.
+    """Encoded contexts ``(M, C, D)`` and per-transition weights ``(M, C)`` (0 = unused).
 
     Variable sizes because on a device the belief starts from 1 transition, not C. With
-    'episodes' sampling the k transitions are the start of a recent episode (and the episodes
-    after it): exactly the evidence the online belief holds k steps into a task at meta-test.
-    Random transitions from the whole buffer (official PEARL) cover far more of the task than
-    an agent's own first steps do, and an encoder trained only on them can be confidently wrong
-    on those first steps (measured on point-nav: z from 64 buffer transitions gives near-oracle
+    'episodes' sampling a context stands for the first k transitions after a recent episode
+    started: exactly the evidence the online belief holds k steps into a task at meta-test
+    (k may exceed C and the horizon; see ``MultiTaskReplay.sample_episode_context``). Random
+    transitions from the whole buffer (official PEARL) cover far more of the task than an
+    agent's own first steps do, and an encoder trained only on them can be confidently wrong
+    on those steps (measured on point-nav: z from 64 buffer transitions gives near-oracle
     returns, the online belief after a whole episode does not).
     """
     cfg = state.cfg.pearl
     c = cfg.context_size
     if cfg.context_sampling == "uniform":
-        ctx, available = state.buffer.sample(ids, c, state.rng), np.full(len(ids), c)
+        ctx, weight = _uniform_context(state, ids)
     else:
-        ctx, available = state.buffer.sample_episode_prefixes(
+        ctx, weight = state.buffer.sample_episode_context(
             ids, c, horizon, cfg.context_episodes, state.rng
         )
     if cfg.context_sampling == "mixed":
         anywhere = state.rng.random(len(ids)) < 0.5
-        uniform = state.buffer.sample(ids, c, state.rng)
+        uniform, uniform_weight = _uniform_context(state, ids)
         pairs = zip(ctx, uniform, strict=True)
         ctx = TransitionBatch(*(np.where(_rows(anywhere, a), u, a) for a, u in pairs))
-        available = np.where(anywhere, c, available)
-    sizes = (state.rng.random(len(ids)) * available).astype(np.int64) + 1
-    mask = (np.arange(c)[None, :] < sizes[:, None]).astype(np.float32)
+        weight = np.where(anywhere[:, None], uniform_weight, weight)
     context = np.concatenate(
         [ctx.obs, ctx.action, ctx.reward[..., None], ctx.next_obs], axis=-1
     ).astype(np.float32)
-    return torch.from_numpy(context), torch.from_numpy(mask)
+    return torch.from_numpy(context), torch.from_numpy(weight)
+
+
+def _uniform_context(state: TrainState, ids: np.ndarray) -> tuple[TransitionBatch, np.ndarray]:
+    """k ~ U{1..C} transitions from anywhere in each task's buffer (weights 1, then 0)."""
+    c = state.cfg.pearl.context_size
+    ctx = state.buffer.sample(ids, c, state.rng)
+    sizes = (state.rng.random(len(ids)) * c).astype(np.int64) + 1
+    return ctx, (np.arange(c)[None, :] < sizes[:, None]).astype(np.float32)
 
 
 def _rows(mask_M: np.ndarray, like: np.ndarray) -> np.ndarray:
