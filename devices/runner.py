@@ -133,6 +133,7 @@ class FieldRunner:
         self._updates: collections.deque[Any] = collections.deque()
         self._stop = threading.Event()
         self._step = 0
+        self._task: np.ndarray | None = None  # the plant's current task (set by run())
 
     def _load_agents(self) -> None:
         """Boot the active slot's bundle with the settings the health gate tested."""
@@ -162,11 +163,14 @@ class FieldRunner:
             rng = np.random.default_rng(self.opts.seed)
             for k, task in enumerate(self._tasks(rng)):
                 self.agent.reset()
+                # The plant's task: a mid-run change (``change_at``) persists into the
+                # following episodes, as a wind shift would.
+                self._task = np.asarray(task, dtype=np.float64)
                 for _ in range(self.opts.episodes):
                     if self._stop.is_set():
                         self.trace.stopped_early = True
                         return self.trace
-                    self.trace.returns.append(self._episode(task, rng))
+                    self.trace.returns.append(self._episode(self._task, rng))
                     self.trace.episode_task.append(k)
         finally:
             self._stop_telemetry()
@@ -298,7 +302,8 @@ class FieldRunner:
         if new is None:
             new = self.env.sample_tasks(self.opts.split, 1, rng)[0]
         old = self.env.tasks[0].tolist()
-        self.env.set_tasks(np.asarray(new, dtype=np.float64)[None])
+        self._task = np.asarray(new, dtype=np.float64)
+        self.env.set_tasks(self._task[None])
         self._event("task_change", {"step": self._step, "from": old, "to": list(map(float, new))})
 
     # -- telemetry ----------------------------------------------------------------------------

@@ -59,6 +59,16 @@ def test_task_change_mid_episode_reaches_the_plant(device_root: Path) -> None:
     assert [e["step"] for e in trace.events if e["type"] == "task_change"] == [7]
 
 
+def test_task_change_persists_into_the_next_episodes(device_root: Path) -> None:
+    new = np.array([-1.0, 0.0])
+    opts = RunnerOptions(device_root, episodes=2, realtime=False, change_at=7, change_task=new)
+    trace = FieldRunner(opts).run()
+    a = trace.arrays()
+    second = a["task"][a["episode"] == 1]
+    assert len(second) > 0
+    np.testing.assert_allclose(second, np.broadcast_to(new, second.shape))
+
+
 def _command(name: str, **args: str) -> Command:
     return Command(name, args, "f", "d", "0" * 16, time.time(), time.time() + 60, "k")
 
