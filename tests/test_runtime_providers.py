@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,30 @@ def test_bench_runtime_json_has_the_promised_keys(bundle):
     assert set(out["batched"]) == {"1", "64", "1024"}
     assert "one_thread_sequential_iobinding" in out["tuning"]
     assert out["step_us_p99"] >= out["step_us_median"]
+
+
+def test_bench_torch_comparison_skips_a_graph_it_cannot_rebuild(bundle, tmp_path, caplog):
+    """A bundle whose step graph lacks the named weights (an older exporter) loses only the
+    torch row of ``bench runtime``, with a warning, not the whole benchmark."""
+    import numpy as np
+    import onnx
+
+    from runtime.bench import torch_runner
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    step = copy / read_manifest(copy).graph("step").file
+    model = onnx.load(str(step))
+    for init in model.graph.initializer:
+        old, init.name = init.name, "renamed/" + init.name
+        for node in model.graph.node:
+            node.input[:] = [init.name if i == old else i for i in node.input]
+    onnx.save(model, str(step))
+    traj = {k: np.zeros((4, 2), np.float32) for k in ("obs", "act", "next")}
+    traj["rew"] = np.zeros((4, 1), np.float32)
+    with caplog.at_level("WARNING"):
+        assert torch_runner(copy, traj) is None
+    assert "torch eager comparison skipped" in caplog.text
 
 
 def test_selftest_command(bundle):
