@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,22 +116,54 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: list[str]
 def train_both(
     runs: Path, extra: list[str], budget: dict[str, list[str]], summary: dict[str, Any]
 ) -> dict[str, Path]:
+    """Train the oracle and PEARL: side by side in two processes (one torch thread each) when
+    the machine has two cores or more, else one after the other. They are independent: the
+    oracle is only needed afterwards, as the reference of the normalized scores."""
+    paths = {"oracle": runs / f"{ENV}-oracle", "pearl": runs / ENV}
+    jobs = []
+    for position, role in enumerate(("oracle", "pearl")):
+        name = f"{ENV}-oracle" if role == "oracle" else ENV
+        # One thread each, before ``extra`` so that a user's --set wins: two small-network
+        # runs in parallel beat one run with two threads, and torch's intra-op threads slow
+        # down badly when they share a core with another busy process.
+        overrides = [
+            "train.num_threads=1",
+            *budget[role],
+            *extra,
+            f"eval.oracle_run={paths['oracle']}",
+        ]
+        jobs.append((role, str(CONFIG_DIR / f"{name}.yaml"), overrides, str(paths[role]), position))
+    summary["train_side_by_side"] = (os.cpu_count() or 1) >= 2
+    if summary["train_side_by_side"]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no forked torch state
+        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+            results = list(pool.map(_train_job, jobs))
+    else:
+        results = [_train_job(job) for job in jobs]
+    for role, stats in results:
+        summary[f"train_{role}"] = stats
+    return paths
+
+
+def _train_job(job: tuple[str, str, list[str], str, int]) -> tuple[str, dict[str, Any]]:
+    """One training run (top level, so that a spawned worker process can run it)."""
     from training.config import load_train_config
     from training.pearl import train
 
-    paths = {"oracle": runs / f"{ENV}-oracle", "pearl": runs / ENV}
-    for role in ("oracle", "pearl"):
-        name = f"{ENV}-oracle" if role == "oracle" else ENV
-        overrides = [*budget[role], *extra, f"eval.oracle_run={paths['oracle']}"]
-        cfg = load_train_config(CONFIG_DIR / f"{name}.yaml", overrides)
-        start = time.perf_counter()
-        state = train(cfg, paths[role], progress=True)
-        summary[f"train_{role}"] = {
-            "wall_s": round(time.perf_counter() - start, 1),
-            "env_steps": state.env_steps,
-            "updates": state.updates,
-        }
-    return paths
+    role, config, overrides, path, position = job
+    cfg = load_train_config(config, overrides)
+    start = time.perf_counter()
+    state = train(cfg, Path(path), progress=True, bar_position=position)
+    stats = {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "env_steps": state.env_steps,
+        "updates": state.updates,
+        "num_threads": cfg.train.num_threads,
+    }
+    return role, stats
 
 
 def export_signed(run_dir: Path, out: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
@@ -270,7 +303,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"edgeadapt demo: {s['env']}  ({'quick smoke run' if s['quick'] else 'full'}, "
         f"{s.get('wall_s', 0):.0f} s)",
         f"  training wall time      oracle {s['train_oracle']['wall_s']:.0f} s, "
-        f"PEARL {s['train_pearl']['wall_s']:.0f} s",
+        f"PEARL {s['train_pearl']['wall_s']:.0f} s"
+        f"{' (side by side)' if s.get('train_side_by_side') else ''}",
         f"  bundle                  {s['bundle']['id'][:8]}  signature {s['bundle']['signature']}"
         f"  flashed to slot {s['flash']['active_slot']}",
         "",

@@ -59,9 +59,16 @@ class TrainState:
 
 
 def train(
-    cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    bar_position: int = 0,
 ) -> TrainState:
-    """Meta-train and write the run directory; returns the final state."""
+    """Meta-train and write the run directory; returns the final state.
+
+    ``bar_position`` is the progress bar's terminal line (two runs side by side use 0 and 1).
+    """
     torch.set_num_threads(cfg.train.num_threads)
     state = init_state(cfg)
     if resume:
@@ -71,7 +78,7 @@ def train(
     env = make_family(cfg.env.name, cfg.train.tasks_per_iter)
     if state.iteration == 0 and cfg.train.initial_episodes:
         collect_initial(state)
-    bar = _progress(cfg, state, progress)
+    bar = _progress(cfg, state, progress, bar_position)
     start = time.perf_counter()
     steps_at_start = state.env_steps
     while state.iteration < cfg.train.iterations:
@@ -382,7 +389,7 @@ def restore(state: TrainState, run_dir: Path) -> None:
     log.info("resumed %s at iteration %d", run_dir, state.iteration)
 
 
-def _progress(cfg: TrainConfig, state: TrainState, enabled: bool):
+def _progress(cfg: TrainConfig, state: TrainState, enabled: bool, position: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -393,6 +400,7 @@ def _progress(cfg: TrainConfig, state: TrainState, enabled: bool):
         desc=f"train {cfg.env.name}{' (oracle)' if cfg.pearl.oracle else ''}",
         unit="it",
         dynamic_ncols=True,
+        position=position,
     )
 
 
