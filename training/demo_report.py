@@ -127,6 +127,9 @@ def _plot_belief(path: Path, traces: dict[str, Any], w: np.ndarray, b: np.ndarra
     for row, (name, tr) in enumerate(traces.items()):
         a = tr.arrays()
         est, std = _estimate(tr, w, b)
+        # At the prior (before the first transition) the probe's read-out means nothing.
+        at_prior = np.all(a["belief_mean"] == 0.0, axis=1)
+        est[at_prior], std[at_prior] = np.nan, np.nan
         steps = np.arange(len(est))
         for col, k in enumerate(WIND):
             ax = axes[row, col]
@@ -135,8 +138,8 @@ def _plot_belief(path: Path, traces: dict[str, Any], w: np.ndarray, b: np.ndarra
             ax.fill_between(steps, est[:, k] - 2 * std[:, k], est[:, k] + 2 * std[:, k],
                             color="C0", alpha=0.2, label="±2σ")  # fmt: skip
             _mark_episodes(ax, a["episode"])
-            lo = min(a["task"][:, k].min(), est[:, k].min())
-            hi = max(a["task"][:, k].max(), est[:, k].max())
+            lo = min(a["task"][:, k].min(), np.nanmin(est[:, k]))
+            hi = max(a["task"][:, k].max(), np.nanmax(est[:, k]))
             ax.set_ylim(lo - 0.5 * (hi - lo) - 2.0, hi + 0.5 * (hi - lo) + 2.0)
             ax.set(title=f"{name}: wind {'xz'[col]}", xlabel="control step", ylabel="m/s")
         axes[row, 0].legend(loc="best", fontsize=8)
