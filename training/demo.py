@@ -133,8 +133,9 @@ def train_both(
             f"eval.oracle_run={paths['oracle']}",
         ]
         jobs.append((role, str(CONFIG_DIR / f"{name}.yaml"), overrides, str(paths[role]), position))
-    summary["train_side_by_side"] = (os.cpu_count() or 1) >= 2
-    if summary["train_side_by_side"]:
+    side_by_side = (os.cpu_count() or 1) >= 2
+    summary["train_side_by_side"] = side_by_side
+    if side_by_side:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

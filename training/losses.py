@@ -42,13 +42,13 @@ class TorchBatch:
     next_obs: torch.Tensor  # (M*B, O)
     done: torch.Tensor  # (M*B,)
     context: torch.Tensor | None  # (M, C, D) encoded transitions
-    context_mask: torch.Tensor | None  # (M, C) weight of each transition's factor, 0 = unused
+    context_weight: torch.Tensor | None  # (M, C) weight of each transition's factor, 0 = unused
     task_z: torch.Tensor | None  # (M, K) normalized task vectors (oracle)
     per_task: int  # B
 
 
 def infer_posterior(
-    nets: PearlNetworks, context_MCD: torch.Tensor, mask_MC: torch.Tensor, prior_var: float
+    nets: PearlNetworks, context_MCD: torch.Tensor, weight_MC: torch.Tensor, prior_var: float
 ) -> Posterior:
     """Product of the per-transition factors (each raised to its weight) and the prior.
 
@@ -57,7 +57,7 @@ def infer_posterior(
     """
     assert nets.encoder is not None
     mu, var = nets.encoder(context_MCD)
-    inv = mask_MC.unsqueeze(-1) / var
+    inv = weight_MC.unsqueeze(-1) / var
     precision = 1.0 / prior_var + inv.sum(dim=1)
     eta = (mu * inv).sum(dim=1)
     return Posterior(eta / precision, 1.0 / precision)
@@ -71,8 +71,8 @@ def task_latents(
         z_M = batch.task_z
         kl = torch.zeros(())
     else:
-        assert batch.context is not None and batch.context_mask is not None
-        post = infer_posterior(nets, batch.context, batch.context_mask, prior_var)
+        assert batch.context is not None and batch.context_weight is not None
+        post = infer_posterior(nets, batch.context, batch.context_weight, prior_var)
         z_M = sample(post, gen)
         kl = kl_to_prior(post, prior_var).mean()
     return z_M.repeat_interleave(batch.per_task, dim=0), kl

@@ -196,11 +196,11 @@ def sample_batch(state: TrainState) -> TorchBatch:
     ids = state.rng.choice(len(state.train_tasks), m, replace=False)
     rl = state.buffer.sample(ids, cfg.sac.batch_size, state.rng)
     flat = [torch.from_numpy(x.reshape(m * cfg.sac.batch_size, -1)) for x in rl]
-    context = mask = task_z = None
+    context = weight = task_z = None
     if cfg.pearl.oracle:
         task_z = torch.from_numpy(normalize_task(state.train_tasks[ids], spec_env))
     else:
-        context, mask = sample_context(state, ids, spec_env.horizon)
+        context, weight = sample_context(state, ids, spec_env.horizon)
         assert context.shape[-1] == transition_dim(spec_env.obs_dim, spec_env.act_dim)
     return TorchBatch(
         obs=flat[0],
@@ -209,7 +209,7 @@ def sample_batch(state: TrainState) -> TorchBatch:
         next_obs=flat[3],
         done=flat[4].squeeze(-1),
         context=context,
-        context_mask=mask,
+        context_weight=weight,
         task_z=task_z,
         per_task=cfg.sac.batch_size,
     )
