@@ -94,13 +94,13 @@ def test_fused_step_equals_the_numpy_belief_and_the_torch_actor(run_dir):
     for _ in range(5):
         inputs = random_step_inputs(_dims_of(run), spec, 4, rng, cfg.model.prior_var)
         inputs["transition"] = np.nan_to_num(inputs["transition"], posinf=1.0, neginf=-1.0)
-        inputs["precision"], inputs["eta"] = belief.precision_BZ, belief.eta_BZ
+        inputs["precision"], inputs["eta"] = belief.precision, belief.eta_BZ
         inputs["forget"][:] = 0.9
         out = torch_step(step, inputs)
         with torch.no_grad():
             mu, var = run.nets.encoder(torch.from_numpy(inputs["transition"]))
         belief = update_belief(belief, mu.numpy(), var.numpy(), 0.9, cfg.model.prior_var)
-        np.testing.assert_allclose(out["precision_out"], belief.precision_BZ, rtol=1e-6)
+        np.testing.assert_allclose(out["precision_out"], belief.precision, rtol=1e-6)
         np.testing.assert_allclose(out["eta_out"], belief.eta_BZ, rtol=1e-6, atol=1e-7)
         with torch.no_grad():
             want = run.nets.actor.deterministic(

@@ -50,6 +50,7 @@ def build_networks(cfg: TrainConfig, spec: FamilySpec) -> PearlNetworks:
             cfg.model.latent_dim,
             cfg.model.encoder_hidden,
             cfg.model.min_var,
+            cfg.model.factor_rank,
         )
     )
     actor = TanhGaussianActor(spec.obs_dim, z, spec.act_dim, cfg.model.hidden)

@@ -40,6 +40,15 @@ class ModelConfig(_Section):
     critic_layer_norm: bool = Field(
         False, description="LayerNorm after each hidden layer of the critics (steadier at high lr)"
     )
+    factor_rank: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description=(
+            "0: diagonal per-transition factors (PEARL); r > 0: each factor adds r rank-one "
+            "precision directions, giving a full-covariance posterior"
+        ),
+    )
     prior_var: float = Field(1.0, gt=0, description="variance of the N(0, prior_var I) prior")
     min_var: float = Field(
         1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"

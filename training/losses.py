@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from training.agent import PearlNetworks
-from training.posterior import Posterior, kl_to_prior, sample
+from training.posterior import Posterior, full_product_of_gaussians, kl_to_prior, sample
 
 
 @dataclass
@@ -56,7 +56,9 @@ def infer_posterior(
     (var -> inf); weight w stands for w transitions like it (subsampled long contexts).
     """
     assert nets.encoder is not None
-    mu, var = nets.encoder(context_MCD)
+    mu, var, u = nets.encoder.factor(context_MCD)
+    if u is not None:
+        return full_product_of_gaussians(mu, var, u, weight_MC, prior_var)
     inv = weight_MC.unsqueeze(-1) / var
     precision = 1.0 / prior_var + inv.sum(dim=1)
     eta = (mu * inv).sum(dim=1)

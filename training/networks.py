@@ -40,21 +40,60 @@ def transition_dim(obs_dim: int, act_dim: int) -> int:
     return 2 * obs_dim + act_dim + 1
 
 
+class Factor(NamedTuple):
+    """One transition's Gaussian factor over the latent.
+
+    Its precision is ``diag(1 / var) + u @ u.T``: diagonal (PEARL) when ``u`` is None, else
+    with ``rank`` extra directions of precision, the columns of ``u`` (..., Z, rank). Its
+    mean is ``mu``, so its information vector is ``mu / var + u @ (u.T @ mu)``.
+    """
+
+    mu: torch.Tensor
+    var: torch.Tensor
+    u: torch.Tensor | None
+
+
 class ContextEncoder(nn.Module):
-    """Maps each transition (s, a, r, s') to a Gaussian factor (mu, var) over the latent."""
+    """Maps each transition (s, a, r, s') to a Gaussian factor over the latent.
+
+    ``rank`` 0 gives PEARL's diagonal factors. ``rank`` r > 0 adds r rank-one precision
+    directions per transition, so one transition can pin down a linear combination of latent
+    coordinates (a goal seen from one side constrains ``p . g``: a line, not an axis); the
+    posterior then has a full covariance. Each direction's precision is at most
+    ``1 / min_var``, like the diagonal part's.
+    """
 
     def __init__(
-        self, obs_dim: int, act_dim: int, latent_dim: int, hidden: tuple[int, ...], min_var: float
+        self,
+        obs_dim: int,
+        act_dim: int,
+        latent_dim: int,
+        hidden: tuple[int, ...],
+        min_var: float,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.min_var = min_var
-        self.net = mlp(transition_dim(obs_dim, act_dim), hidden, 2 * latent_dim)
+        self.rank = rank
+        self.u_max = 1.0 / math.sqrt(min_var)
+        out = (2 + rank) * latent_dim
+        self.net = mlp(transition_dim(obs_dim, act_dim), hidden, out)
+
+    def factor(self, transition_BD: torch.Tensor) -> Factor:
+        out = self.net(transition_BD)
+        z = self.latent_dim
+        mu, raw = out[..., :z], out[..., z : 2 * z]
+        var = F.softplus(raw) + self.min_var
+        if not self.rank:
+            return Factor(mu, var, None)
+        u = out[..., 2 * z :].unflatten(-1, (z, self.rank))
+        return Factor(mu, var, self.u_max * torch.tanh(u / self.u_max))
 
     def forward(self, transition_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(transition_BD)
-        mu, raw = out[..., : self.latent_dim], out[..., self.latent_dim :]
-        return mu, F.softplus(raw) + self.min_var
+        """Diagonal part only: (mu, var). Use :meth:`factor` for the full factor."""
+        f = self.factor(transition_BD)
+        return f.mu, f.var
 
 
 class ActorOutput(NamedTuple):

@@ -45,20 +45,26 @@ class PearlPolicy:
         self.z_mode = z_mode
         self.adaptive = adaptive
         self.generator = generator
-        self.belief: Belief = prior_belief(1, latent_dim, prior_var)
+        self.full = nets.encoder is not None and nets.encoder.rank > 0
+        self.belief: Belief = prior_belief(1, latent_dim, prior_var, self.full)
         self.z = np.zeros((1, latent_dim), dtype=np.float32)
 
     def begin_task(self, tasks_BK: np.ndarray) -> None:
-        self.belief = prior_belief(len(tasks_BK), self.latent_dim, self.prior_var)
+        self.belief = prior_belief(len(tasks_BK), self.latent_dim, self.prior_var, self.full)
         self.tasks = tasks_BK
         self.resample()
 
     def resample(self) -> None:
         """Draw the z used until the next call (posterior sampling) or take the mean."""
-        mean, var = self.belief.mean, self.belief.var
+        mean = self.belief.mean
         if self.z_mode == "sample":
             eps = torch.randn(mean.shape, generator=self.generator).numpy()
-            self.z = (mean + np.sqrt(var) * eps).astype(np.float32)
+            if self.belief.full:  # z = mean + L^-T eps with precision = L L^T
+                chol = np.linalg.cholesky(self.belief.precision)
+                noise = np.linalg.solve(np.swapaxes(chol, -1, -2), eps[..., None])[..., 0]
+            else:
+                noise = np.sqrt(self.belief.var) * eps
+            self.z = (mean + noise).astype(np.float32)
         else:
             self.z = mean.astype(np.float32)
 
@@ -81,9 +87,14 @@ class PearlPolicy:
         if not self.adaptive or self.nets.encoder is None:
             return
         x = torch.from_numpy(encode_transition(obs_BO, action_BA, reward_B, next_obs_BO))
-        mu, var = self.nets.encoder(x)
+        mu, var, u = self.nets.encoder.factor(x)
         self.belief = update_belief(
-            self.belief, mu.numpy(), var.numpy(), self.forget, self.prior_var
+            self.belief,
+            mu.numpy(),
+            var.numpy(),
+            self.forget,
+            self.prior_var,
+            None if u is None else u.numpy(),
         )
         if self.z_mode == "mean":
             self.z = self.belief.mean.astype(np.float32)
