@@ -130,7 +130,7 @@ def _build(
     recording = _calibration_recording(draft, tmp, run)
     ood = OODSpec(**ood_thresholds(recording))
     vector_inputs = _vector_inputs(recording, run, dims)
-    expected = {"step": torch_step(modules["step"], vector_inputs)}
+    expected = {"step": torch_step(modules["step"], vector_inputs, dims)}
     int8 = None
     if options.int8 or (profile is not None and profile.precision == "int8"):
         from export.quantize import quantize_step
@@ -221,6 +221,8 @@ def _manifest(
             normalization="policy emits a in [-1, 1]; physical = low + (high - low) / 2 * (a + 1)",
         ),
         latent_dim=cfg.model.latent_dim,
+        factor_rank=cfg.model.factor_rank,
+        factor_diagonal=cfg.model.factor_diagonal,
         prior_var=cfg.model.prior_var,
         forget=cfg.pearl.forget,
         min_var=cfg.model.min_var,

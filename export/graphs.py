@@ -8,7 +8,12 @@ graph serves one agent or a fleet (dynamic batch axis ``batch``).
   how surprising the transition was under the belief *before* the update, and returns the
   deterministic action for ``obs`` under the updated posterior mean, both normalized and scaled
   to the action bounds.
-- ``encoder``: transition -> Gaussian factor (mu, var).
+- ``encoder``: transition -> Gaussian factor (mu, var), plus its rank-one precision directions
+  ``u`` when the run has ``model.factor_rank`` > 0 (``var`` absent without a diagonal part).
+
+With rank-one directions the belief is a full Gaussian and the step graph carries it as
+(``cov``, ``mean``), absorbing a transition by sequential rank-one Kalman updates (see
+:mod:`runtime.posterior`): only MatMul/Mul/Div/Sub nodes, no matrix inverse, which ONNX lacks.
 - ``policy``: (obs, z) -> deterministic action, normalized and scaled.
 
 The arithmetic mirrors :mod:`runtime.posterior` operation by operation so that the fused graph
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from runtime.posterior import belief_io
 from runtime.tasks.base import FamilySpec
 from training.networks import ContextEncoder, TanhGaussianActor
 
@@ -38,42 +44,64 @@ POLICY_OUTPUTS = ("action", "action_norm")
 
 @dataclass(frozen=True)
 class Dims:
-    """Sizes the graphs are built for."""
+    """Sizes the graphs are built for, and the kind of factor the encoder emits."""
 
     obs: int
     act: int
     latent: int
+    rank: int = 0  # rank-one precision directions per factor (0: diagonal PEARL factors)
+    diagonal: bool = True  # whether factors have a diagonal part
 
     @property
     def transition(self) -> int:
         return 2 * self.obs + self.act + 1
 
+    @property
+    def full(self) -> bool:
+        """A full-covariance belief (factors with rank-one directions)."""
+        return self.rank > 0
+
+
+def graph_io(graph: str, dims: Dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of ``graph`` ("step", "encoder" or "policy") for these dims."""
+    (b_in, b_out) = belief_io(dims.full)
+    if graph == "step":
+        return (
+            ("transition", *b_in, "forget", "obs"),
+            ("action", "action_norm", *b_out, "surprise", "updated"),
+        )
+    if graph == "encoder":
+        outs = ("mu",) + (("var",) if dims.diagonal else ()) + (("u",) if dims.rank else ())
+        return ENCODER_INPUTS, outs
+    return POLICY_INPUTS, POLICY_OUTPUTS
+
 
 def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], str]]:
     """Name -> (shape with ``"batch"`` for the dynamic axis, dtype) of every I/O of ``graph``."""
-    b = BATCH
+    b, z = BATCH, dims.latent
     table: dict[str, tuple[list[int | str], str]] = {
         "transition": ([b, dims.transition], "float32"),
-        "precision": ([b, dims.latent], "float32"),
-        "eta": ([b, dims.latent], "float32"),
+        "precision": ([b, z], "float32"),
+        "eta": ([b, z], "float32"),
+        "cov": ([b, z, z], "float32"),
+        "mean": ([b, z], "float32"),
         "forget": ([b, 1], "float32"),
         "obs": ([b, dims.obs], "float32"),
-        "z": ([b, dims.latent], "float32"),
+        "z": ([b, z], "float32"),
         "action": ([b, dims.act], "float32"),
         "action_norm": ([b, dims.act], "float32"),
-        "precision_out": ([b, dims.latent], "float32"),
-        "eta_out": ([b, dims.latent], "float32"),
+        "precision_out": ([b, z], "float32"),
+        "eta_out": ([b, z], "float32"),
+        "cov_out": ([b, z, z], "float32"),
+        "mean_out": ([b, z], "float32"),
         "surprise": ([b], "float32"),
         "updated": ([b], "bool"),  # False: transition or result not finite, keep old belief
-        "mu": ([b, dims.latent], "float32"),
-        "var": ([b, dims.latent], "float32"),
+        "mu": ([b, z], "float32"),
+        "var": ([b, z], "float32"),
+        "u": ([b, z, dims.rank], "float32"),
     }
-    names = {
-        "step": STEP_INPUTS + STEP_OUTPUTS,
-        "encoder": ENCODER_INPUTS + ENCODER_OUTPUTS,
-        "policy": POLICY_INPUTS + POLICY_OUTPUTS,
-    }[graph]
-    return {n: table[n] for n in names}
+    inputs, outputs = graph_io(graph, dims)
+    return {n: table[n] for n in inputs + outputs}
 
 
 class ActionScale(nn.Module):
@@ -156,15 +184,85 @@ class StepGraph(nn.Module):
         return self.scale(action_norm), action_norm, new_prec, new_eta, surprise, updated
 
 
+class FullStepGraph(nn.Module):
+    """Fused step for a full belief: (transition, cov, mean, forget, obs) -> action, belief',
+    surprise. Same contract as :class:`StepGraph`; the arithmetic mirrors
+    :func:`runtime.posterior.update_full_belief` and :func:`runtime.posterior.full_surprise`.
+    """
+
+    def __init__(
+        self,
+        encoder: ContextEncoder,
+        actor: TanhGaussianActor,
+        spec: FamilySpec,
+        prior_var: float,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.actor = MeanActor(actor)
+        self.scale = ActionScale(spec)
+        z = encoder.latent_dim
+        self.register_buffer("prior_cov", torch.eye(z) * float(prior_var))
+        self.register_buffer("eye", torch.eye(z))
+
+    def forward(
+        self,
+        transition: torch.Tensor,
+        cov: torch.Tensor,
+        mean: torch.Tensor,
+        forget: torch.Tensor,
+        obs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        f = self.encoder.factor(transition)
+        hs, ys, noises = [], [], []  # the factor as scalar measurements y = h . z + noise
+        if f.var is not None:
+            hs += list(self.eye.unbind(0))
+            ys += list(f.mu.unbind(-1))
+            noises += list(f.var.unbind(-1))
+        if f.u is not None:
+            for h in f.u.unbind(-1):
+                hs.append(h)
+                ys.append((h * f.mu).sum(-1))
+                noises.append(None)
+        lam = forget.unsqueeze(-1)
+        c = lam * cov + (1.0 - lam) * self.prior_cov
+        m = mean
+        scores = []
+        for h, y, noise in zip(hs, ys, noises, strict=True):
+            ch0 = (cov * h.unsqueeze(-2)).sum(-1)  # surprise: under the belief before the step
+            spread0 = (h * ch0).sum(-1) + (1.0 if noise is None else noise)
+            scores.append((y - (h * mean).sum(-1)).pow(2) / spread0)
+            ch = (c * h.unsqueeze(-2)).sum(-1)
+            spread = (h * ch).sum(-1) + (1.0 if noise is None else noise)
+            gain = ch / spread.unsqueeze(-1)
+            m = m + gain * (y - (h * m).sum(-1)).unsqueeze(-1)
+            c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
+        c = 0.5 * (c + c.transpose(-1, -2))
+        surprise = torch.stack(scores, dim=-1).mean(dim=-1)
+        flat = torch.cat([transition, c.flatten(1), m], dim=-1)
+        updated = (flat * 0.0).sum(dim=-1) == 0.0
+        action_norm = self.actor(obs, m)
+        return self.scale(action_norm), action_norm, c, m, surprise, updated
+
+
+def step_graph(
+    encoder: ContextEncoder, actor: TanhGaussianActor, spec: FamilySpec, prior_var: float
+) -> nn.Module:
+    """The fused step graph for this encoder's kind of factor."""
+    cls = FullStepGraph if encoder.rank else StepGraph
+    return cls(encoder, actor, spec, prior_var)
+
+
 class EncoderGraph(nn.Module):
-    """transition -> (mu, var) of the Gaussian factor over the latent."""
+    """transition -> the Gaussian factor over the latent: (mu, var), (mu, var, u) or (mu, u)."""
 
     def __init__(self, encoder: ContextEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, transition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(transition)
+    def forward(self, transition: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.encoder.factor(transition)
+        return tuple(t for t in f if t is not None)
 
 
 class PolicyGraph(nn.Module):
@@ -183,7 +281,7 @@ class PolicyGraph(nn.Module):
 def example_inputs(graph: str, dims: Dims, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Dummy inputs used to trace ``graph`` (values do not matter, shapes and dtypes do)."""
     shapes = tensor_shapes(graph, dims)
-    inputs = {"step": STEP_INPUTS, "encoder": ENCODER_INPUTS, "policy": POLICY_INPUTS}[graph]
+    inputs = graph_io(graph, dims)[0]
     out = []
     for name in inputs:
         shape, dtype = shapes[name]

@@ -14,33 +14,17 @@ import onnx
 import torch
 from torch import nn
 
-from export.graphs import (
-    BATCH,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    POLICY_INPUTS,
-    POLICY_OUTPUTS,
-    STEP_INPUTS,
-    STEP_OUTPUTS,
-    Dims,
-    example_inputs,
-    tensor_shapes,
-)
+from export.graphs import BATCH, Dims, example_inputs, graph_io, tensor_shapes
 from runtime.bundle import GraphSpec, TensorSpec
 
 DEFAULT_OPSET = 17
-IO_NAMES = {
-    "step": (STEP_INPUTS, STEP_OUTPUTS),
-    "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
-    "policy": (POLICY_INPUTS, POLICY_OUTPUTS),
-}
 
 
 def export_graph(
     module: nn.Module, graph: str, dims: Dims, path: Path, opset: int = DEFAULT_OPSET
 ) -> GraphSpec:
     """Export ``module`` as graph ``graph`` ("step", "encoder" or "policy") to ``path``."""
-    inputs, outputs = IO_NAMES[graph]
+    inputs, outputs = graph_io(graph, dims)
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -66,7 +50,7 @@ def check_graph(path: Path) -> None:
 
 def graph_spec(graph: str, dims: Dims, file: str, precision: str = "fp32") -> GraphSpec:
     """The manifest entry for ``graph`` stored in ``file``."""
-    inputs, outputs = IO_NAMES["step" if graph.startswith("step") else graph]
+    inputs, outputs = graph_io("step" if graph.startswith("step") else graph, dims)
     shapes = tensor_shapes("step" if graph.startswith("step") else graph, dims)
 
     def specs(names: tuple[str, ...]) -> list[TensorSpec]:
@@ -88,8 +72,8 @@ def graph_opset(path: Path) -> int:
 
 
 DESCRIPTIONS = {
-    "step": "fused step: absorb transition into belief (natural params), surprise, action for obs",
+    "step": "fused step: absorb transition into belief, surprise, action for obs",
     "step_int8": "fused step, weights INT8 (onnxruntime dynamic quantization)",
-    "encoder": "transition -> Gaussian factor (mu, var) over the latent",
+    "encoder": "transition -> Gaussian factor over the latent (mu, var and/or directions u)",
     "policy": "(obs, z) -> deterministic action (scaled, normalized)",
 }

@@ -36,7 +36,6 @@ from training.checkpoint import LoadedRun
 log = logging.getLogger(__name__)
 
 INT8_FILE = "step_int8.onnx"
-FLOAT_OUTPUTS = ("action", "action_norm", "precision_out", "eta_out", "surprise")
 
 
 def quantize_step(
@@ -83,7 +82,7 @@ def _parity(
         # every row, so (like the runtime does) only finite transitions are fed.
         finite = np.isfinite(inputs["transition"]).all(axis=1)
         inputs = {k: v[finite] for k, v in inputs.items()}
-        got, ref = session.run_feeds(inputs), torch_step(module, inputs)
+        got, ref = session.run_feeds(inputs), torch_step(module, inputs, dims)
         keep = ref["updated"]  # rows with a NaN/inf transition carry no values
         for k in ("action", "action_norm"):
             worst = max(worst, max_rel_err(got[k][keep], ref[k][keep]))

@@ -2,7 +2,8 @@
 
 Random inputs cover what a device can meet: observations over the family's bounds, actions in
 [-1, 1], rewards over a wide range, beliefs from the prior to very confident (precision up to
-1e4 per dimension), forgetting factors in [0.5, 1], and ~2% of transitions with a NaN or inf.
+1e4 per dimension; for full beliefs, random covariances with eigenvalues 1e-4 to the prior's),
+forgetting factors in [0.5, 1], and ~2% of transitions with a NaN or inf.
 Recorded inputs come from the runtime itself during rollouts (see :mod:`export.calibrate`).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.graphs import STEP_INPUTS, STEP_OUTPUTS, Dims, EncoderGraph, PolicyGraph, StepGraph
+from export.graphs import Dims, EncoderGraph, PolicyGraph, graph_io, step_graph
 from runtime.errors import CheckpointError
 from runtime.tasks.base import FamilySpec
 from training.checkpoint import LoadedRun
@@ -19,8 +20,10 @@ from training.checkpoint import LoadedRun
 
 def dims_of(run: LoadedRun) -> Dims:
     """Graph sizes of a loaded run."""
-    spec = run.family.spec
-    return Dims(spec.obs_dim, spec.act_dim, run.config.model.latent_dim)
+    spec, model = run.family.spec, run.config.model
+    return Dims(
+        spec.obs_dim, spec.act_dim, model.latent_dim, model.factor_rank, model.factor_diagonal
+    )
 
 
 def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
@@ -32,7 +35,7 @@ def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
         )
     spec = run.family.spec
     mods: dict[str, torch.nn.Module] = {
-        "step": StepGraph(run.nets.encoder, run.nets.actor, spec, run.config.model.prior_var),
+        "step": step_graph(run.nets.encoder, run.nets.actor, spec, run.config.model.prior_var),
         "encoder": EncoderGraph(run.nets.encoder),
         "policy": PolicyGraph(run.nets.actor, spec),
     }
@@ -40,11 +43,14 @@ def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def torch_step(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_step(
+    module: torch.nn.Module, inputs: dict[str, np.ndarray], dims: Dims
+) -> dict[str, np.ndarray]:
     """Run the torch step graph on numpy inputs (any batch size), outputs by name."""
-    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in STEP_INPUTS]
+    names_in, names_out = graph_io("step", dims)
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names_in]
     outs = module(*args)
-    return {name: t.numpy() for name, t in zip(STEP_OUTPUTS, outs, strict=True)}
+    return {name: t.numpy() for name, t in zip(names_out, outs, strict=True)}
 
 
 def random_step_inputs(
@@ -67,13 +73,19 @@ def random_step_inputs(
     bad = rng.random(n) < nonfinite_share
     cols = rng.integers(0, transition.shape[1], size=n)
     transition[bad, cols[bad]] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
-    precision = 1.0 / prior_var + np.exp(rng.uniform(np.log(1e-3), np.log(1e4), (n, dims.latent)))
-    eta = rng.normal(0.0, 1.5, size=(n, dims.latent)) * precision
+    z = dims.latent
     forget = np.where(rng.random((n, 1)) < 0.5, 1.0, rng.uniform(0.5, 1.0, (n, 1)))
+    if dims.full:  # random rotations of random variances: cov = Q diag(v) Q^T
+        q = np.linalg.qr(rng.normal(size=(n, z, z)))[0]
+        v = prior_var * np.exp(rng.uniform(np.log(1e-4), 0.0, (n, z)))
+        belief = {"cov": (q * v[:, None, :]) @ np.swapaxes(q, -1, -2)}
+        belief["mean"] = rng.normal(0.0, 1.5, size=(n, z))
+    else:
+        precision = 1.0 / prior_var + np.exp(rng.uniform(np.log(1e-3), np.log(1e4), (n, z)))
+        belief = {"precision": precision, "eta": rng.normal(0.0, 1.5, size=(n, z)) * precision}
     return {
         "transition": transition.astype(np.float32),
-        "precision": precision.astype(np.float32),
-        "eta": eta.astype(np.float32),
+        **{k: v.astype(np.float32) for k, v in belief.items()},
         "forget": forget.astype(np.float32),
         "obs": rng.uniform(low, high, size=(n, dims.obs)).astype(np.float32),
     }

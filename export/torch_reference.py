@@ -15,14 +15,14 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from export.graphs import StepGraph
+from export.graphs import step_graph
 from runtime.bundle import read_manifest
 from runtime.tasks import make_family
 from training.networks import ContextEncoder, TanhGaussianActor
 
 
-def step_module_from_bundle(bundle_dir: str | Path) -> StepGraph:
-    """A torch :class:`StepGraph` carrying the weights of the bundle's ``step.onnx``."""
+def step_module_from_bundle(bundle_dir: str | Path) -> torch.nn.Module:
+    """A torch step graph carrying the weights of the bundle's ``step.onnx``."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     model = onnx.load(str(bundle_dir / manifest.graph("step").file))
@@ -31,7 +31,15 @@ def step_module_from_bundle(bundle_dir: str | Path) -> StepGraph:
     }
     spec = make_family(manifest.env, 1).spec
     o, a, z = manifest.obs.dim, manifest.act.dim, manifest.latent_dim
-    encoder = ContextEncoder(o, a, z, _hidden(weights, "encoder.net"), manifest.min_var)
+    encoder = ContextEncoder(
+        o,
+        a,
+        z,
+        _hidden(weights, "encoder.net"),
+        manifest.min_var,
+        manifest.factor_rank,
+        manifest.factor_diagonal,
+    )
     hidden = _hidden(weights, "actor.net", include_last=True)
     actor = TanhGaussianActor(o, z, a, hidden)
     encoder.load_state_dict(_strip(weights, "encoder."))
@@ -45,7 +53,7 @@ def step_module_from_bundle(bundle_dir: str | Path) -> StepGraph:
     full_w[:a], full_b[:a] = weights[w_name], weights[b_name]
     actor_state |= {f"net.{last}.weight": full_w, f"net.{last}.bias": full_b}
     actor.load_state_dict(actor_state)
-    return StepGraph(encoder, actor, spec, manifest.prior_var).eval()
+    return step_graph(encoder, actor, spec, manifest.prior_var).eval()
 
 
 class TorchStepper:
@@ -58,8 +66,10 @@ class TorchStepper:
         self.module = step_module_from_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
         z = manifest.latent_dim
-        self.prec = torch.full((1, z), 1.0 / manifest.prior_var)
-        self.eta = torch.zeros((1, z))
+        if manifest.full_belief:  # (cov, mean)
+            self.belief = (torch.eye(z)[None] * manifest.prior_var, torch.zeros((1, z)))
+        else:  # (precision, eta)
+            self.belief = (torch.full((1, z), 1.0 / manifest.prior_var), torch.zeros((1, z)))
         self.forget = torch.full((1, 1), manifest.forget)
         self.traj = traj
         self.pos = 0
@@ -76,8 +86,8 @@ class TorchStepper:
             t0 = time.perf_counter_ns()
             row = np.concatenate([traj["obs"][j], traj["act"][j], traj["rew"][j], traj["next"][j]])
             obs = torch.from_numpy(traj["next"][j][None])
-            res = self.module(torch.from_numpy(row[None]), self.prec, self.eta, self.forget, obs)
-            action, self.prec, self.eta = res[1].numpy(), res[2], res[3]
+            res = self.module(torch.from_numpy(row[None]), *self.belief, self.forget, obs)
+            action, self.belief = res[1].numpy(), (res[2], res[3])
             out[i] = time.perf_counter_ns() - t0
         self.pos += steps
         if not np.isfinite(action).all():

@@ -156,7 +156,7 @@ def _feeds_for(graph: str, step: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         return step
     if graph == "encoder":
         return {"transition": step["transition"]}
-    z = (step["eta"] / step["precision"]).astype(np.float32)
+    z = step["mean"] if "mean" in step else (step["eta"] / step["precision"]).astype(np.float32)
     return {"obs": step["obs"], "z": z}
 
 
@@ -168,6 +168,10 @@ def _run_matches(run: Any, manifest: Manifest) -> list[str]:
     if cfg.model.latent_dim != manifest.latent_dim:
         problems.append(
             f"run latent_dim {cfg.model.latent_dim} != bundle latent_dim {manifest.latent_dim}"
+        )
+    if cfg.model.factor_rank != manifest.factor_rank:
+        problems.append(
+            f"run factor_rank {cfg.model.factor_rank} != bundle factor_rank {manifest.factor_rank}"
         )
     return problems
 

@@ -33,7 +33,7 @@ import numpy as np
 from runtime.bundle import Manifest, load_verified
 from runtime.errors import EdgeadaptError
 from runtime.ood import Event, OODMonitor
-from runtime.posterior import Belief, entropy
+from runtime.posterior import Belief, FullBelief, belief_io, entropy
 from runtime.providers import SessionTuning
 from runtime.session import GraphSession
 
@@ -127,6 +127,14 @@ class Agent:
         self._half = (self._act_high - self._act_low) / 2.0
         self._zero_norm = _zero_action(self._act_low, self._half)
         self._warn = float(manifest.ood.warn)
+        self._full = manifest.full_belief
+        z = manifest.latent_dim
+        # The belief's two arrays: natural parameters (precision, eta) or (cov, mean).
+        self._prior_a = (
+            np.eye(z, dtype=np.float32) * np.float32(manifest.prior_var)
+            if self._full
+            else np.full(z, 1.0 / manifest.prior_var, dtype=np.float32)
+        )
         self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
         self.on_event: Callable[[Event], None] | None = None
         self.batch = 0
@@ -161,8 +169,8 @@ class Agent:
             self.policy_session.resize(batch)
             self.batch = batch
             self._bind_buffers()
-        self._prec[:] = 1.0 / self.manifest.prior_var
-        self._eta[:] = 0.0
+        self._bel_a[:] = self._prior_a
+        self._bel_b[:] = 0.0
         self._forget[:] = self.forget
         self._count = np.zeros(batch, dtype=np.int64)
         self._skipped = np.zeros(batch, dtype=np.int64)
@@ -247,8 +255,9 @@ class Agent:
     # -- state -------------------------------------------------------------------------------
     @property
     def belief(self) -> BeliefState:
-        """Posterior mean, variance, entropy (nats) and counts of each agent."""
-        b = Belief(self._prec.copy(), self._eta.copy(), self._count.copy())
+        """Posterior mean, (marginal) variance, entropy (nats) and counts of each agent."""
+        cls = FullBelief if self._full else Belief
+        b = cls(self._bel_a.copy(), self._bel_b.copy(), self._count.copy())
         ent = entropy(b)
         if self.batch == 1:
             return BeliefState(
@@ -303,10 +312,11 @@ class Agent:
         # Views into the transition buffer: (obs, action, reward, next_obs) columns.
         self._v_obs, self._v_act = self._tr[:, :o], self._tr[:, o : o + a]
         self._v_rew, self._v_next = self._tr[:, o + a], self._tr[:, o + a + 1 :]
-        self._prec, self._eta, self._forget = ins["precision"], ins["eta"], ins["forget"]
+        (a, b), (a_out, b_out) = belief_io(self._full)
+        self._bel_a, self._bel_b, self._forget = ins[a], ins[b], ins["forget"]
         self._out_norm, self._updated = outs["action_norm"], outs["updated"]
         self._out_act = outs["action"]
-        self._out_prec, self._out_eta = outs["precision_out"], outs["eta_out"]
+        self._out_a, self._out_b = outs[a_out], outs[b_out]
         self._out_surprise = outs["surprise"]
         pins = self.policy_session.inputs
         self._p_obs, self._p_z = pins["obs"], pins["z"]
@@ -327,8 +337,8 @@ class Agent:
         """Every row's update is finite: it becomes the belief; the outputs' actions are valid
         for the observation just absorbed. Written with indexing rather than ufunc calls: at
         batch 1 a numpy ufunc call costs ~1-2 µs, an indexed copy ~0.2 µs."""
-        self._prec[...] = self._out_prec
-        self._eta[...] = self._out_eta
+        self._bel_a[...] = self._out_a
+        self._bel_b[...] = self._out_b
         self._surprise[...] = self._out_surprise
         self._cache_key = self._obs_in.tobytes()
         if self.batch == 1:
@@ -345,8 +355,8 @@ class Agent:
     def _accept_some(self, updated: np.ndarray) -> None:
         """Rows whose transition or update is not finite keep their old belief (and count)."""
         rows = updated
-        self._prec[rows] = self._out_prec[rows]
-        self._eta[rows] = self._out_eta[rows]
+        self._bel_a[rows] = self._out_a[rows]
+        self._bel_b[rows] = self._out_b[rows]
         self._surprise[rows] = self._out_surprise[rows]
         self._count += rows
         self._skipped += ~rows
@@ -365,8 +375,8 @@ class Agent:
             self._emit(ev)
         self._ood_raised = bool(self.monitor.level.any())
         if self.config.changepoint == "reset" and fired.any():
-            self._prec[fired] = 1.0 / self.manifest.prior_var
-            self._eta[fired] = 0.0
+            self._bel_a[fired] = self._prior_a
+            self._bel_b[fired] = 0.0
             self._count[fired] = 0
             self.monitor.reset(fired)
             self._ood_raised = bool(self.monitor.level.any())
@@ -386,7 +396,10 @@ class Agent:
             self._p_obs[:] = obs
         else:
             self._p_obs[:] = np.where(good[:, None], obs, self._prev_good())
-        np.divide(self._eta, self._prec, out=self._p_z)
+        if self._full:
+            self._p_z[...] = self._bel_b  # the mean
+        else:
+            np.divide(self._bel_b, self._bel_a, out=self._p_z)  # eta / precision
         self.policy_session.run()
         norm = self._p_norm.copy()
         usable = good  # rows whose output is the policy at a real observation

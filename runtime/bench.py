@@ -221,7 +221,7 @@ def belief_scaling(
 ) -> dict[str, Any]:
     """Per-step cost at context length T: running natural parameters (the runtime) vs the
     naive recompute (encoder over all T transitions + product of Gaussians every step)."""
-    from runtime.posterior import product_of_gaussians
+    from runtime.posterior import full_product_of_gaussians, product_of_gaussians
     from runtime.session import GraphSession
 
     bundle_dir = Path(bundle_dir)
@@ -239,10 +239,13 @@ def belief_scaling(
         for _ in range(max(3, min(reps, 200_000 // t))):
             t0 = time.perf_counter_ns()
             f = enc.run_feeds({"transition": context[: t + 1]})
-            product_of_gaussians(f["mu"], f["var"], manifest.prior_var)
+            if manifest.full_belief:
+                full_product_of_gaussians(f["mu"], f.get("var"), f.get("u"), manifest.prior_var)
+            else:
+                product_of_gaussians(f["mu"], f["var"], manifest.prior_var)
             naive.append((time.perf_counter_ns() - t0) / 1e3)
         rows.append({"context": t, "o1_step_us": o1, "naive_step_us": _median(naive)})
-    state_bytes = sum(a.nbytes for a in (agent._prec, agent._eta, agent._count))
+    state_bytes = sum(a.nbytes for a in (agent._bel_a, agent._bel_b, agent._count))
     return {"bundle": str(bundle_dir), "rows": rows, "belief_state_bytes": state_bytes}
 
 

@@ -105,7 +105,9 @@ class OODSpec(_Strict):
     The score of a transition is the mean over latent dimensions of the squared distance between
     the transition's factor mean and the current belief mean, in units of their combined
     variance: ``mean_z((mu_i - m)^2 / (v + var_i))``. About 1 when evidence agrees with the
-    belief; large when the world no longer matches what the belief expects.
+    belief; large when the world no longer matches what the belief expects. For a full belief
+    it is the same over the factor's scalar measurements: the mean normalized innovation
+    ``(y - h . m)^2 / (h^T cov h + noise)``.
     """
 
     score: Literal["surprise"] = "surprise"
@@ -133,6 +135,10 @@ class Manifest(_Strict):
     obs: BoxSpec
     act: BoxSpec
     latent_dim: int = Field(ge=1)
+    factor_rank: int = Field(
+        0, ge=0, description="rank-one precision directions per factor; > 0: full belief"
+    )
+    factor_diagonal: bool = Field(True, description="whether factors have a diagonal part")
     prior_var: float = Field(gt=0)
     forget: float = Field(gt=0, le=1, description="default forgetting factor")
     min_var: float = Field(gt=0)
@@ -148,6 +154,11 @@ class Manifest(_Strict):
     )
     trt: dict[str, str | int | bool] | None = None
     provenance: dict[str, object] = Field(default_factory=dict)
+
+    @property
+    def full_belief(self) -> bool:
+        """The belief is a full Gaussian (cov, mean): factors have rank-one directions."""
+        return self.factor_rank > 0
 
     @field_validator("min_runtime_version", "version")
     @classmethod

@@ -7,15 +7,19 @@ The posterior is the product of the factors and the N(0, prior_var I) prior:
     eta       = sum_i mu_i / var_i          (prior mean is 0)
     mean      = eta / precision,  var = 1 / precision
 
-A factor may also carry rank-one precision directions ``u_i`` (columns of a Z x R matrix, the
-``model.factor_rank`` option): its precision is ``diag(1/var_i) + u_i u_i^T``. The belief then
-keeps the full Z x Z precision matrix and ``mean = precision^-1 eta``; everything else is the
-same, and an update is still O(1) in the context length (O(Z^2 R) work, a Z x Z solve for the
-mean).
-
 Keeping (precision, eta) as running sums makes an update O(1) in time and memory, whatever the
 context length. A forgetting factor lam in (0, 1] discounts old evidence toward the prior so the
 belief can track a task that changes (lam = 1: no forgetting).
+
+**Full beliefs.** With ``model.factor_rank`` R > 0 a factor also carries R rank-one precision
+directions ``u_ir`` (its precision is ``diag(1/var_i) + sum_r u_ir u_ir^T``; the diagonal part
+is optional): one transition can then pin down a linear combination of latent coordinates.
+The belief becomes a full Gaussian, kept as (covariance, mean) and updated like a Kalman filter:
+the factor is Z + R (or R) scalar measurements, ``mu_ik = e_k . z`` with noise ``var_ik`` and
+``u_ir . mu_i = u_ir . z`` with unit noise, absorbed one after another by rank-one updates.
+That is the exact product of Gaussians (in any order), needs no matrix inverse, and stays O(1)
+per transition (O(Z^2 (Z + R)) work). Forgetting inflates the covariance toward the prior's,
+``cov <- lam cov + (1 - lam) prior_var I``, and keeps the mean.
 
 The official PEARL code leaves the prior out of the product and uses it only in a KL term; we
 multiply it in (as well as keeping the KL) so that the belief before any transition is the prior,
@@ -29,43 +33,34 @@ from typing import NamedTuple
 import numpy as np
 
 
-class Belief(NamedTuple):
-    """Natural parameters of a batch of Gaussian beliefs over the latent."""
+def belief_io(full: bool) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Names of the belief's two arrays as step-graph inputs and outputs: natural parameters
+    (precision, eta) for a diagonal belief, (cov, mean) for a full one."""
+    if full:
+        return ("cov", "mean"), ("cov_out", "mean_out")
+    return ("precision", "eta"), ("precision_out", "eta_out")
 
-    precision: np.ndarray  # (B, Z) diagonal 1/var, or (B, Z, Z) full precision matrix; float32
+
+class Belief(NamedTuple):
+    """Natural parameters of a batch of diagonal Gaussian beliefs over the latent."""
+
+    precision_BZ: np.ndarray  # 1/var, float32
     eta_BZ: np.ndarray  # precision-weighted mean, float32
     count_B: np.ndarray  # transitions absorbed, int64
 
     @property
-    def full(self) -> bool:
-        return self.precision.ndim == 3
-
-    @property
     def mean(self) -> np.ndarray:
-        if self.full:
-            return np.linalg.solve(self.precision, self.eta_BZ[..., None])[..., 0]
-        return self.eta_BZ / self.precision
+        return self.eta_BZ / self.precision_BZ
 
     @property
     def var(self) -> np.ndarray:
-        """Marginal variance of each latent coordinate (the covariance's diagonal)."""
-        if self.full:
-            return np.diagonal(np.linalg.inv(self.precision), axis1=-2, axis2=-1).copy()
-        return 1.0 / self.precision
+        return 1.0 / self.precision_BZ
 
 
-def prior_belief(
-    batch: int, latent_dim: int, prior_var: float = 1.0, full: bool = False
-) -> Belief:
-    """The belief before any evidence: N(0, prior_var I) for each of ``batch`` agents
-    (``full``: kept as a precision matrix, for factors with rank-one directions)."""
-    if full:
-        eye = np.eye(latent_dim, dtype=np.float32) / np.float32(prior_var)
-        precision = np.repeat(eye[None], batch, axis=0)
-    else:
-        precision = np.full((batch, latent_dim), 1.0 / prior_var, dtype=np.float32)
+def prior_belief(batch: int, latent_dim: int, prior_var: float = 1.0) -> Belief:
+    """The belief before any evidence: N(0, prior_var I) for each of ``batch`` agents."""
     return Belief(
-        precision,
+        np.full((batch, latent_dim), 1.0 / prior_var, dtype=np.float32),
         np.zeros((batch, latent_dim), dtype=np.float32),
         np.zeros(batch, dtype=np.int64),
     )
@@ -77,25 +72,13 @@ def update_belief(
     var_BZ: np.ndarray,
     forget: float = 1.0,
     prior_var: float = 1.0,
-    u_BZR: np.ndarray | None = None,
 ) -> Belief:
-    """Absorb one factor per agent (precision ``diag(1/var) + u u^T``, mean ``mu``);
-    ``forget`` < 1 discounts older evidence toward the prior."""
+    """Absorb one factor N(mu, var) per agent; ``forget`` < 1 discounts older evidence."""
     prior_prec = np.float32(1.0 / prior_var)
     lam = np.float32(forget)
     inv = 1.0 / var_BZ
+    precision = prior_prec + lam * (belief.precision_BZ - prior_prec) + inv
     eta = lam * belief.eta_BZ + mu_BZ * inv
-    if not belief.full:
-        if u_BZR is not None:
-            raise ValueError("a factor with rank-one directions needs a full belief")
-        precision = prior_prec + lam * (belief.precision - prior_prec) + inv
-        return Belief(precision.astype(np.float32), eta.astype(np.float32), belief.count_B + 1)
-    eye = np.eye(belief.precision.shape[-1], dtype=np.float32)
-    precision = prior_prec * eye + lam * (belief.precision - prior_prec * eye)
-    precision = precision + inv[..., None] * eye
-    if u_BZR is not None:
-        precision = precision + u_BZR @ np.swapaxes(u_BZR, -1, -2)
-        eta = eta + (u_BZR @ (np.swapaxes(u_BZR, -1, -2) @ mu_BZ[..., None]))[..., 0]
     return Belief(precision.astype(np.float32), eta.astype(np.float32), belief.count_B + 1)
 
 
@@ -108,11 +91,110 @@ def product_of_gaussians(
     return mean, 1.0 / precision
 
 
-def entropy(belief: Belief) -> np.ndarray:
+class FullBelief(NamedTuple):
+    """A batch of full-covariance Gaussian beliefs (factors with rank-one directions)."""
+
+    cov_BZZ: np.ndarray  # covariance, float32
+    mean_BZ: np.ndarray  # float32
+    count_B: np.ndarray  # transitions absorbed, int64
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.mean_BZ
+
+    @property
+    def var(self) -> np.ndarray:
+        """Marginal variance of each latent coordinate (the covariance's diagonal)."""
+        return np.diagonal(self.cov_BZZ, axis1=-2, axis2=-1).copy()
+
+
+def prior_full_belief(batch: int, latent_dim: int, prior_var: float = 1.0) -> FullBelief:
+    """The prior N(0, prior_var I) as a full belief for each of ``batch`` agents."""
+    eye = np.eye(latent_dim, dtype=np.float32) * np.float32(prior_var)
+    return FullBelief(
+        np.repeat(eye[None], batch, axis=0),
+        np.zeros((batch, latent_dim), dtype=np.float32),
+        np.zeros(batch, dtype=np.int64),
+    )
+
+
+def factor_measurements(
+    mu_BZ: np.ndarray, var_BZ: np.ndarray | None, u_BZR: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A factor as scalar measurements ``y = h . z + N(0, noise)``: rows ``h_BMZ``, values
+    ``y_BM`` and noise variances ``noise_BM`` (diagonal part first, then the directions)."""
+    b, z = mu_BZ.shape
+    hs, ys, noises = [], [], []
+    if var_BZ is not None:
+        hs.append(np.broadcast_to(np.eye(z, dtype=np.float32), (b, z, z)))
+        ys.append(mu_BZ)
+        noises.append(var_BZ)
+    if u_BZR is not None:
+        u_BRZ = np.swapaxes(u_BZR, -1, -2)
+        hs.append(u_BRZ)
+        ys.append(np.einsum("brz,bz->br", u_BRZ, mu_BZ))
+        noises.append(np.ones(u_BRZ.shape[:2], dtype=np.float32))
+    return np.concatenate(hs, 1), np.concatenate(ys, 1), np.concatenate(noises, 1)
+
+
+def update_full_belief(
+    belief: FullBelief,
+    mu_BZ: np.ndarray,
+    var_BZ: np.ndarray | None,
+    u_BZR: np.ndarray | None,
+    forget: float = 1.0,
+    prior_var: float = 1.0,
+) -> FullBelief:
+    """Absorb one factor per agent by sequential rank-one (Kalman) updates; see module doc."""
+    z = belief.mean_BZ.shape[-1]
+    lam = np.float32(forget)
+    cov = lam * belief.cov_BZZ + (1 - lam) * np.float32(prior_var) * np.eye(z, dtype=np.float32)
+    mean = belief.mean_BZ.copy()
+    h_BMZ, y_BM, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
+    for m in range(h_BMZ.shape[1]):
+        h = h_BMZ[:, m]
+        ch = np.einsum("bzy,by->bz", cov, h)
+        gain = ch / (np.einsum("bz,bz->b", h, ch) + noise_BM[:, m])[:, None]
+        mean = mean + gain * (y_BM[:, m] - np.einsum("bz,bz->b", h, mean))[:, None]
+        cov = cov - gain[:, :, None] * ch[:, None, :]
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    return FullBelief(cov.astype(np.float32), mean.astype(np.float32), belief.count_B + 1)
+
+
+def full_surprise(
+    belief: FullBelief, mu_BZ: np.ndarray, var_BZ: np.ndarray | None, u_BZR: np.ndarray | None
+) -> np.ndarray:
+    """Mean normalized innovation ``(y - h . m)^2 / (h^T cov h + noise)`` of a factor's
+    measurements under the belief before it: the full belief's OOD score, shape (B,)."""
+    h_BMZ, y_BM, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
+    pred = np.einsum("bmz,bz->bm", h_BMZ, belief.mean_BZ)
+    spread = np.einsum("bmz,bzy,bmy->bm", h_BMZ, belief.cov_BZZ, h_BMZ) + noise_BM
+    return ((y_BM - pred) ** 2 / spread).mean(axis=-1)
+
+
+def full_product_of_gaussians(
+    mu_NZ: np.ndarray, var_NZ: np.ndarray | None, u_NZR: np.ndarray | None, prior_var: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form (mean, cov) of N factors with rank-one directions and the prior, from
+    scratch: precision matrices and information vectors add, then one solve."""
+    n, z = mu_NZ.shape
+    precision = np.eye(z) / prior_var
+    eta = np.zeros(z)
+    if var_NZ is not None:
+        precision = precision + np.diag(np.sum(1.0 / var_NZ, axis=0))
+        eta = eta + np.sum(mu_NZ / var_NZ, axis=0)
+    if u_NZR is not None:
+        precision = precision + np.einsum("nzr,nyr->zy", u_NZR, u_NZR)
+        eta = eta + np.einsum("nzr,nyr,ny->z", u_NZR, u_NZR, mu_NZ)
+    cov = np.linalg.inv(precision)
+    return cov @ eta, cov
+
+
+def entropy(belief: Belief | FullBelief) -> np.ndarray:
     """Differential entropy (nats) of each Gaussian belief, shape (B,)."""
-    z = belief.eta_BZ.shape[-1]
-    if belief.full:
-        log_det = np.linalg.slogdet(belief.precision)[1]
-    else:
-        log_det = np.sum(np.log(belief.precision), axis=-1)
-    return 0.5 * (z * np.log(2 * np.pi * np.e) - log_det)
+    if isinstance(belief, FullBelief):
+        z = belief.mean_BZ.shape[-1]
+        log_det_cov = np.linalg.slogdet(belief.cov_BZZ.astype(np.float64))[1]
+        return 0.5 * (z * np.log(2 * np.pi * np.e) + log_det_cov)
+    z = belief.precision_BZ.shape[-1]
+    return 0.5 * (z * np.log(2 * np.pi * np.e) - np.sum(np.log(belief.precision_BZ), axis=-1))

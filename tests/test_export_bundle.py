@@ -94,13 +94,13 @@ def test_fused_step_equals_the_numpy_belief_and_the_torch_actor(run_dir):
     for _ in range(5):
         inputs = random_step_inputs(_dims_of(run), spec, 4, rng, cfg.model.prior_var)
         inputs["transition"] = np.nan_to_num(inputs["transition"], posinf=1.0, neginf=-1.0)
-        inputs["precision"], inputs["eta"] = belief.precision, belief.eta_BZ
+        inputs["precision"], inputs["eta"] = belief.precision_BZ, belief.eta_BZ
         inputs["forget"][:] = 0.9
-        out = torch_step(step, inputs)
+        out = torch_step(step, inputs, _dims_of(run))
         with torch.no_grad():
             mu, var = run.nets.encoder(torch.from_numpy(inputs["transition"]))
         belief = update_belief(belief, mu.numpy(), var.numpy(), 0.9, cfg.model.prior_var)
-        np.testing.assert_allclose(out["precision_out"], belief.precision, rtol=1e-6)
+        np.testing.assert_allclose(out["precision_out"], belief.precision_BZ, rtol=1e-6)
         np.testing.assert_allclose(out["eta_out"], belief.eta_BZ, rtol=1e-6, atol=1e-7)
         with torch.no_grad():
             want = run.nets.actor.deterministic(
@@ -118,7 +118,7 @@ def test_step_flags_nonfinite_transitions(run_dir):
     inputs["transition"] = np.nan_to_num(inputs["transition"])
     inputs["transition"][1, 0] = np.nan
     inputs["transition"][2, -1] = np.inf
-    assert torch_step(step, inputs)["updated"].tolist() == [True, False, False]
+    assert torch_step(step, inputs, _dims_of(run))["updated"].tolist() == [True, False, False]
 
 
 def test_parity_torch_vs_onnxruntime_at_default_sizes(tmp_path_factory):
@@ -223,7 +223,7 @@ def test_step_graph_module_is_stateless(run_dir):
     run = load_run(run_dir)
     step: StepGraph = reference_modules(run)["step"]
     inputs = random_step_inputs(_dims_of(run), run.family.spec, 8, np.random.default_rng(3))
-    a, b = torch_step(step, inputs), torch_step(step, inputs)
+    a, b = torch_step(step, inputs, _dims_of(run)), torch_step(step, inputs, _dims_of(run))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
 

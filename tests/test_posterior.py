@@ -89,7 +89,7 @@ def test_forgetting_discounts_old_evidence_toward_prior() -> None:
     assert keep.mean[0, 0] > 1.0
     assert forget.mean[0, 0] < -2.0
     # Precision stays bounded with forgetting: 1 + inv / (1 - lam) at most.
-    assert np.all(forget.precision <= 1.0 + 10.0 / 0.2 + 1e-3)
+    assert np.all(forget.precision_BZ <= 1.0 + 10.0 / 0.2 + 1e-3)
 
 
 def test_entropy_and_kl_of_the_prior() -> None:

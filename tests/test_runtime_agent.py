@@ -136,9 +136,9 @@ def test_belief_is_invariant_to_transition_order(bundle):
 
 def test_belief_state_size_does_not_grow_with_context(bundle):
     agent = make_agent(bundle)
-    before = [arr.nbytes for arr in (agent._prec, agent._eta, agent._count)]
+    before = [arr.nbytes for arr in (agent._bel_a, agent._bel_b, agent._count)]
     feed(agent, transitions(2000))
-    assert [arr.nbytes for arr in (agent._prec, agent._eta, agent._count)] == before
+    assert [arr.nbytes for arr in (agent._bel_a, agent._bel_b, agent._count)] == before
     assert agent.belief.count == 2000
 
 

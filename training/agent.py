@@ -51,6 +51,7 @@ def build_networks(cfg: TrainConfig, spec: FamilySpec) -> PearlNetworks:
             cfg.model.encoder_hidden,
             cfg.model.min_var,
             cfg.model.factor_rank,
+            cfg.model.factor_diagonal,
         )
     )
     actor = TanhGaussianActor(spec.obs_dim, z, spec.act_dim, cfg.model.hidden)

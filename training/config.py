@@ -49,6 +49,13 @@ class ModelConfig(_Section):
             "precision directions, giving a full-covariance posterior"
         ),
     )
+    factor_diagonal: bool = Field(
+        True,
+        description=(
+            "with factor_rank > 0, false drops the diagonal part: each transition is then "
+            "factor_rank linear measurements of z (cheaper belief update on the device)"
+        ),
+    )
     prior_var: float = Field(1.0, gt=0, description="variance of the N(0, prior_var I) prior")
     min_var: float = Field(
         1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"

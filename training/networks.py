@@ -49,7 +49,7 @@ class Factor(NamedTuple):
     """
 
     mu: torch.Tensor
-    var: torch.Tensor
+    var: torch.Tensor | None  # None: no diagonal part (only the rank-one directions)
     u: torch.Tensor | None
 
 
@@ -71,28 +71,35 @@ class ContextEncoder(nn.Module):
         hidden: tuple[int, ...],
         min_var: float,
         rank: int = 0,
+        diag: bool = True,
     ) -> None:
         super().__init__()
+        if not (rank or diag):
+            raise ValueError("a factor needs a diagonal part or rank-one directions")
         self.latent_dim = latent_dim
         self.min_var = min_var
         self.rank = rank
+        self.diag = diag
         self.u_max = 1.0 / math.sqrt(min_var)
-        out = (2 + rank) * latent_dim
+        out = (1 + int(diag) + rank) * latent_dim
         self.net = mlp(transition_dim(obs_dim, act_dim), hidden, out)
 
     def factor(self, transition_BD: torch.Tensor) -> Factor:
         out = self.net(transition_BD)
         z = self.latent_dim
-        mu, raw = out[..., :z], out[..., z : 2 * z]
-        var = F.softplus(raw) + self.min_var
+        mu, rest = out[..., :z], out[..., z:]
+        var = None
+        if self.diag:
+            var, rest = F.softplus(rest[..., :z]) + self.min_var, rest[..., z:]
         if not self.rank:
             return Factor(mu, var, None)
-        u = out[..., 2 * z :].unflatten(-1, (z, self.rank))
+        u = rest.unflatten(-1, (z, self.rank))
         return Factor(mu, var, self.u_max * torch.tanh(u / self.u_max))
 
     def forward(self, transition_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diagonal part only: (mu, var). Use :meth:`factor` for the full factor."""
+        """A diagonal factor's (mu, var). Use :meth:`factor` for factors with directions."""
         f = self.factor(transition_BD)
+        assert f.var is not None and f.u is None
         return f.mu, f.var
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.posterior import Belief, prior_belief, update_belief
+from runtime.posterior import (
+    Belief,
+    FullBelief,
+    prior_belief,
+    prior_full_belief,
+    update_belief,
+    update_full_belief,
+)
 from runtime.tasks.base import FamilySpec
 from runtime.transition import encode_transition
 from training.agent import PearlNetworks, normalize_task
@@ -46,11 +53,11 @@ class PearlPolicy:
         self.adaptive = adaptive
         self.generator = generator
         self.full = nets.encoder is not None and nets.encoder.rank > 0
-        self.belief: Belief = prior_belief(1, latent_dim, prior_var, self.full)
+        self.belief: Belief | FullBelief = self._prior(1)
         self.z = np.zeros((1, latent_dim), dtype=np.float32)
 
     def begin_task(self, tasks_BK: np.ndarray) -> None:
-        self.belief = prior_belief(len(tasks_BK), self.latent_dim, self.prior_var, self.full)
+        self.belief = self._prior(len(tasks_BK))
         self.tasks = tasks_BK
         self.resample()
 
@@ -59,14 +66,19 @@ class PearlPolicy:
         mean = self.belief.mean
         if self.z_mode == "sample":
             eps = torch.randn(mean.shape, generator=self.generator).numpy()
-            if self.belief.full:  # z = mean + L^-T eps with precision = L L^T
-                chol = np.linalg.cholesky(self.belief.precision)
-                noise = np.linalg.solve(np.swapaxes(chol, -1, -2), eps[..., None])[..., 0]
+            if isinstance(self.belief, FullBelief):  # z = mean + L eps with cov = L L^T
+                chol = np.linalg.cholesky(self.belief.cov_BZZ.astype(np.float64))
+                noise = np.einsum("bzy,by->bz", chol, eps)
             else:
                 noise = np.sqrt(self.belief.var) * eps
             self.z = (mean + noise).astype(np.float32)
         else:
             self.z = mean.astype(np.float32)
+
+    def _prior(self, batch: int) -> Belief | FullBelief:
+        if self.full:
+            return prior_full_belief(batch, self.latent_dim, self.prior_var)
+        return prior_belief(batch, self.latent_dim, self.prior_var)
 
     @torch.no_grad()
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
@@ -87,15 +99,16 @@ class PearlPolicy:
         if not self.adaptive or self.nets.encoder is None:
             return
         x = torch.from_numpy(encode_transition(obs_BO, action_BA, reward_B, next_obs_BO))
-        mu, var, u = self.nets.encoder.factor(x)
-        self.belief = update_belief(
-            self.belief,
-            mu.numpy(),
-            var.numpy(),
-            self.forget,
-            self.prior_var,
-            None if u is None else u.numpy(),
-        )
+        f = self.nets.encoder.factor(x)
+        mu, var = f.mu.numpy(), None if f.var is None else f.var.numpy()
+        if isinstance(self.belief, FullBelief):
+            u = None if f.u is None else f.u.numpy()
+            self.belief = update_full_belief(
+                self.belief, mu, var, u, self.forget, self.prior_var
+            )
+        else:
+            assert var is not None
+            self.belief = update_belief(self.belief, mu, var, self.forget, self.prior_var)
         if self.z_mode == "mean":
             self.z = self.belief.mean.astype(np.float32)
 

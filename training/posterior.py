@@ -30,19 +30,24 @@ def product_of_gaussians(
 
 def full_product_of_gaussians(
     mu_BTZ: torch.Tensor,
-    var_BTZ: torch.Tensor,
+    var_BTZ: torch.Tensor | None,
     u_BTZR: torch.Tensor,
     weight_BT: torch.Tensor,
     prior_var: float = 1.0,
 ) -> Posterior:
-    """Posterior of T factors with precision ``diag(1/var) + u u^T`` (each raised to its
-    weight) times the prior: precision matrices and information vectors add."""
+    """Posterior of T factors with precision ``diag(1/var) + u u^T`` (no diagonal part when
+    ``var`` is None; each factor raised to its weight) times the prior: precision matrices
+    and information vectors add."""
     w = weight_BT.unsqueeze(-1)
-    diag = 1.0 / prior_var + (w / var_BTZ).sum(dim=1)
     uw = u_BTZR * w.unsqueeze(-1).sqrt()
-    precision = torch.diag_embed(diag) + torch.einsum("btzr,btyr->bzy", uw, uw)
     proj = torch.einsum("btzr,btz->btr", u_BTZR, mu_BTZ)
-    eta = (w * (mu_BTZ / var_BTZ + torch.einsum("btzr,btr->btz", u_BTZR, proj))).sum(dim=1)
+    info = torch.einsum("btzr,btr->btz", u_BTZR, proj)
+    diag = torch.full_like(mu_BTZ[:, 0], 1.0 / prior_var)
+    if var_BTZ is not None:
+        diag = diag + (w / var_BTZ).sum(dim=1)
+        info = info + mu_BTZ / var_BTZ
+    precision = torch.diag_embed(diag) + torch.einsum("btzr,btyr->bzy", uw, uw)
+    eta = (w * info).sum(dim=1)
     chol = torch.linalg.cholesky(precision)
     mean = torch.cholesky_solve(eta.unsqueeze(-1), chol).squeeze(-1)
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype).expand_as(chol)
