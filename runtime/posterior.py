@@ -177,7 +177,7 @@ def full_product_of_gaussians(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form (mean, cov) of N factors with rank-one directions and the prior, from
     scratch: precision matrices and information vectors add, then one solve."""
-    n, z = mu_NZ.shape
+    z = mu_NZ.shape[1]
     precision = np.eye(z) / prior_var
     eta = np.zeros(z)
     if var_NZ is not None:

@@ -103,9 +103,7 @@ class PearlPolicy:
         mu, var = f.mu.numpy(), None if f.var is None else f.var.numpy()
         if isinstance(self.belief, FullBelief):
             u = None if f.u is None else f.u.numpy()
-            self.belief = update_full_belief(
-                self.belief, mu, var, u, self.forget, self.prior_var
-            )
+            self.belief = update_full_belief(self.belief, mu, var, u, self.forget, self.prior_var)
         else:
             assert var is not None
             self.belief = update_belief(self.belief, mu, var, self.forget, self.prior_var)
