@@ -214,28 +214,25 @@ class FullStepGraph(nn.Module):
         obs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         f = self.encoder.factor(transition)
-        hs, ys, noises = [], [], []  # the factor as scalar measurements y = h . z + noise
+        hs, noises = [], []  # the factor as scalar measurements h . mu = h . z + noise
         if f.var is not None:
             hs += list(self.eye.unbind(0))
-            ys += list(f.mu.unbind(-1))
             noises += list(f.var.unbind(-1))
         if f.u is not None:
-            for h in f.u.unbind(-1):
-                hs.append(h)
-                ys.append((h * f.mu).sum(-1))
-                noises.append(None)
+            hs += list(f.u.unbind(-1))
+            noises += [None] * f.u.shape[-1]
         lam = forget.unsqueeze(-1)
         c = lam * cov + (1.0 - lam) * self.prior_cov
         m = mean
         scores = []
-        for h, y, noise in zip(hs, ys, noises, strict=True):
+        for h, noise in zip(hs, noises, strict=True):
             ch0 = (cov * h.unsqueeze(-2)).sum(-1)  # surprise: under the belief before the step
             spread0 = (h * ch0).sum(-1) + (1.0 if noise is None else noise)
-            scores.append((y - (h * mean).sum(-1)).pow(2) / spread0)
+            scores.append((h * (f.mu - mean)).sum(-1).pow(2) / spread0)
             ch = (c * h.unsqueeze(-2)).sum(-1)
             spread = (h * ch).sum(-1) + (1.0 if noise is None else noise)
             gain = ch / spread.unsqueeze(-1)
-            m = m + gain * (y - (h * m).sum(-1)).unsqueeze(-1)
+            m = m + gain * (h * (f.mu - m)).sum(-1).unsqueeze(-1)
             c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
         c = 0.5 * (c + c.transpose(-1, -2))
         surprise = torch.stack(scores, dim=-1).mean(dim=-1)

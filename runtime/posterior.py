@@ -120,21 +120,18 @@ def prior_full_belief(batch: int, latent_dim: int, prior_var: float = 1.0) -> Fu
 
 def factor_measurements(
     mu_BZ: np.ndarray, var_BZ: np.ndarray | None, u_BZR: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A factor as scalar measurements ``y = h . z + N(0, noise)``: rows ``h_BMZ``, values
-    ``y_BM`` and noise variances ``noise_BM`` (diagonal part first, then the directions)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """A factor as scalar measurements ``h . mu = h . z + N(0, noise)``: rows ``h_BMZ`` and
+    noise variances ``noise_BM`` (diagonal part first, then the directions)."""
     b, z = mu_BZ.shape
-    hs, ys, noises = [], [], []
+    hs, noises = [], []
     if var_BZ is not None:
         hs.append(np.broadcast_to(np.eye(z, dtype=np.float32), (b, z, z)))
-        ys.append(mu_BZ)
         noises.append(var_BZ)
     if u_BZR is not None:
-        u_BRZ = np.swapaxes(u_BZR, -1, -2)
-        hs.append(u_BRZ)
-        ys.append(np.einsum("brz,bz->br", u_BRZ, mu_BZ))
-        noises.append(np.ones(u_BRZ.shape[:2], dtype=np.float32))
-    return np.concatenate(hs, 1), np.concatenate(ys, 1), np.concatenate(noises, 1)
+        hs.append(np.swapaxes(u_BZR, -1, -2))
+        noises.append(np.ones(u_BZR.shape[::2], dtype=np.float32))
+    return np.concatenate(hs, 1), np.concatenate(noises, 1)
 
 
 def update_full_belief(
@@ -150,12 +147,12 @@ def update_full_belief(
     lam = np.float32(forget)
     cov = lam * belief.cov_BZZ + (1 - lam) * np.float32(prior_var) * np.eye(z, dtype=np.float32)
     mean = belief.mean_BZ.copy()
-    h_BMZ, y_BM, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
+    h_BMZ, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
     for m in range(h_BMZ.shape[1]):
         h = h_BMZ[:, m]
         ch = np.einsum("bzy,by->bz", cov, h)
         gain = ch / (np.einsum("bz,bz->b", h, ch) + noise_BM[:, m])[:, None]
-        mean = mean + gain * (y_BM[:, m] - np.einsum("bz,bz->b", h, mean))[:, None]
+        mean = mean + gain * np.einsum("bz,bz->b", h, mu_BZ - mean)[:, None]
         cov = cov - gain[:, :, None] * ch[:, None, :]
     cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
     return FullBelief(cov.astype(np.float32), mean.astype(np.float32), belief.count_B + 1)
@@ -164,12 +161,12 @@ def update_full_belief(
 def full_surprise(
     belief: FullBelief, mu_BZ: np.ndarray, var_BZ: np.ndarray | None, u_BZR: np.ndarray | None
 ) -> np.ndarray:
-    """Mean normalized innovation ``(y - h . m)^2 / (h^T cov h + noise)`` of a factor's
+    """Mean normalized innovation ``(h . (mu - m))^2 / (h^T cov h + noise)`` of a factor's
     measurements under the belief before it: the full belief's OOD score, shape (B,)."""
-    h_BMZ, y_BM, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
-    pred = np.einsum("bmz,bz->bm", h_BMZ, belief.mean_BZ)
+    h_BMZ, noise_BM = factor_measurements(mu_BZ, var_BZ, u_BZR)
+    innovation = np.einsum("bmz,bz->bm", h_BMZ, mu_BZ - belief.mean_BZ)
     spread = np.einsum("bmz,bzy,bmy->bm", h_BMZ, belief.cov_BZZ, h_BMZ) + noise_BM
-    return ((y_BM - pred) ** 2 / spread).mean(axis=-1)
+    return (innovation**2 / spread).mean(axis=-1)
 
 
 def full_product_of_gaussians(
