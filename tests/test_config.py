@@ -50,6 +50,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("extends: nowhere.yaml\n", [], "config file not found"),
         ("seed: 1\n", ["sac.nope=3"], "key 'sac.nope': unknown key"),
         ("seed: 1\n", ["novalue"], "expected KEY=VALUE"),
+        ("model: {factor_rank: 9}\n", [], "key 'model.factor_rank'"),
+        ("model: {factor_diagonal: false}\n", [], "needs factor_rank >= 1"),
     ],
 )
 def test_bad_config_fails_naming_file_and_key(

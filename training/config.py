@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.configio import load_config
 
@@ -60,6 +60,14 @@ class ModelConfig(_Section):
     min_var: float = Field(
         1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"
     )
+
+    @model_validator(mode="after")
+    def _factor_has_precision(self) -> ModelConfig:
+        if not self.factor_diagonal and self.factor_rank == 0:
+            raise ValueError(
+                "factor_diagonal: false needs factor_rank >= 1 (a factor needs some precision)"
+            )
+        return self
 
     @field_validator("encoder_hidden", "hidden", "critic_hidden")
     @classmethod
