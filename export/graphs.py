@@ -214,28 +214,28 @@ class FullStepGraph(nn.Module):
         obs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         f = self.encoder.factor(transition)
-        hs, noises = [], []  # the factor as scalar measurements h . mu = h . z + noise
-        if f.var is not None:
-            hs += list(self.eye.unbind(0))
-            noises += list(f.var.unbind(-1))
-        if f.u is not None:
-            hs += list(f.u.unbind(-1))
-            noises += [None] * f.u.shape[-1]
         lam = forget.unsqueeze(-1)
         c = lam * cov + (1.0 - lam) * self.prior_cov
-        m = mean
-        scores = []
-        for h, noise in zip(hs, noises, strict=True):
-            ch0 = (cov * h.unsqueeze(-2)).sum(-1)  # surprise: under the belief before the step
-            spread0 = (h * ch0).sum(-1) + (1.0 if noise is None else noise)
-            scores.append((h * (f.mu - mean)).sum(-1).pow(2) / spread0)
-            ch = (c * h.unsqueeze(-2)).sum(-1)
-            spread = (h * ch).sum(-1) + (1.0 if noise is None else noise)
-            gain = ch / spread.unsqueeze(-1)
-            m = m + gain * (h * (f.mu - m)).sum(-1).unsqueeze(-1)
-            c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
+        m, d = mean, f.mu - mean
+        scores = []  # surprise: normalized innovations under the belief before the step
+        if f.var is not None:  # measurements z_k = mu_k + N(0, var_k): slices, no products
+            scores.append(d * d / ((cov * self.eye).sum(-1) + f.var))
+            for k in range(self.eye.shape[0]):
+                ch = c[:, :, k]
+                gain = ch / (ch[:, k : k + 1] + f.var[:, k : k + 1])
+                m = m + gain * (f.mu[:, k : k + 1] - m[:, k : k + 1])
+                c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
+        if f.u is not None:  # measurements u_r . mu = u_r . z + N(0, 1)
+            cu = torch.matmul(cov, f.u)
+            innovation = (d.unsqueeze(-1) * f.u).sum(-2)
+            scores.append(innovation * innovation / ((f.u * cu).sum(-2) + 1.0))
+            for h in f.u.unbind(-1):
+                ch = torch.matmul(c, h.unsqueeze(-1)).squeeze(-1)
+                gain = ch / ((h * ch).sum(-1, keepdim=True) + 1.0)
+                m = m + gain * (h * (f.mu - m)).sum(-1, keepdim=True)
+                c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
         c = 0.5 * (c + c.transpose(-1, -2))
-        surprise = torch.stack(scores, dim=-1).mean(dim=-1)
+        surprise = torch.cat(scores, dim=-1).mean(dim=-1)
         flat = torch.cat([transition, c.flatten(1), m], dim=-1)
         updated = (flat * 0.0).sum(dim=-1) == 0.0
         action_norm = self.actor(obs, m)
