@@ -189,3 +189,30 @@ def test_full_bundle_agent_adapts_skips_nan_and_resets(full_bundle):
     agent.reset()
     np.testing.assert_array_equal(agent.belief.mean, 0.0)
     np.testing.assert_allclose(agent.belief.var, m.prior_var)
+
+
+def test_torch_rebuilt_from_a_full_bundle_matches_its_step_graph(full_bundle, full_run):
+    """``bench runtime`` times a torch step rebuilt from the bundle's weights: for a full
+    belief it must be the same function as the ONNX graph."""
+    from export.torch_reference import step_module_from_bundle
+    from runtime.providers import CPU
+    from runtime.session import GraphSession
+
+    run = load_run(full_run)
+    dims = dims_of(run)
+    inputs = random_step_inputs(dims, run.family.spec, 64, np.random.default_rng(5), 1.0, 0.0)
+    rebuilt = torch_step(step_module_from_bundle(full_bundle), inputs, dims)
+    spec = read_manifest(full_bundle).graph("step")
+    got = GraphSession(full_bundle / spec.file, spec, providers=[CPU]).run_feeds(inputs)
+    for name in ("action", "cov_out", "mean_out", "surprise"):
+        np.testing.assert_allclose(got[name], rebuilt[name], rtol=1e-4, atol=1e-5)
+
+
+def test_bench_belief_on_a_full_bundle_keeps_constant_state(full_bundle):
+    from runtime.bench import belief_scaling
+
+    out = belief_scaling(full_bundle, lengths=(10, 100), reps=20)
+    z = read_manifest(full_bundle).latent_dim
+    assert [r["context"] for r in out["rows"]] == [10, 100]
+    assert all(r["o1_step_us"] > 0 and r["naive_step_us"] > 0 for r in out["rows"])
+    assert out["belief_state_bytes"] == 4 * (z * z + z) + 8
