@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from runtime import RUNTIME_VERSION
@@ -177,6 +178,20 @@ class Manifest(_Strict):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError(f"file entry {path!r}: expected a sha256 hex digest")
         return v
+
+    @model_validator(mode="after")
+    def _step_graphs_carry_the_belief(self) -> Manifest:
+        """Step graphs' belief inputs must match ``factor_rank``: (precision, eta) for a
+        diagonal belief, (cov, mean) for a full one."""
+        want = ("cov", "mean") if self.full_belief else ("precision", "eta")
+        for name, spec in self.graphs.items():
+            have = [t.name for t in spec.inputs]
+            if name.startswith("step") and not set(want) <= set(have):
+                raise ValueError(
+                    f"graph {name!r} has inputs {have}; factor_rank {self.factor_rank} needs "
+                    f"{' and '.join(want)}"
+                )
+        return self
 
     def graph(self, name: str) -> GraphSpec:
         """The graph ``name``, with a clear error listing the ones present."""

@@ -216,3 +216,19 @@ def test_bench_belief_on_a_full_bundle_keeps_constant_state(full_bundle):
     assert [r["context"] for r in out["rows"]] == [10, 100]
     assert all(r["o1_step_us"] > 0 and r["naive_step_us"] > 0 for r in out["rows"])
     assert out["belief_state_bytes"] == 4 * (z * z + z) + 8
+
+
+def test_a_manifest_whose_step_graph_does_not_match_factor_rank_is_refused(full_bundle, tmp_path):
+    import json
+    import shutil
+
+    from runtime.bundle import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(full_bundle, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["factor_rank"] = 0  # says diagonal, but the step graph takes (cov, mean)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError) as err:
+        read_manifest(copy)
+    assert "factor_rank 0 needs precision and eta" in str(err.value)
