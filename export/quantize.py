@@ -2,9 +2,12 @@
 
 Weights of every Gemm/MatMul are stored as int8 and activations are quantized on the fly
 (``quantize_dynamic``): 3.5x smaller graph, no calibration set needed. The belief arithmetic
-stays float32. Caveat: the activation scale is computed per call over the whole batch, so in
-batched mode one agent's inputs change the rounding of the others', and a NaN row would poison
-them all (the runtime zeroes non-finite rows before an INT8 call for that reason).
+stays float32: only products with a weight matrix (an initializer) are quantized, never the
+full belief's covariance products, whose entries span orders of magnitude that one per-tensor
+int8 scale cannot hold. Caveat: the activation scale is computed per call over the whole
+batch, so in batched mode one agent's inputs change the rounding of the others', and a NaN
+row would poison them all (the runtime zeroes non-finite rows before an INT8 call for that
+reason).
 
 Reported: parity against the torch float32 reference on the test-vector inputs and 10k random
 (finite) inputs, and the change in meta-test return versus the float32 graph.
@@ -50,7 +53,11 @@ def quantize_step(
     dims = dims_of(run)
     src, dst = bundle_dir / graphs["step"].file, bundle_dir / INT8_FILE
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=activation_products(src),
     )
     check_graph(dst)
     spec = graph_spec("step_int8", dims, INT8_FILE, precision="int8")
@@ -65,6 +72,20 @@ def quantize_step(
     }
     log.info("int8 variant: %s", report)
     return spec, expected, report
+
+
+def activation_products(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of a graph that multiply two activations (no weight)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and not any(i in weights for i in n.input)
+    ]
 
 
 def _parity(
