@@ -34,10 +34,7 @@ from training.networks import ContextEncoder, TanhGaussianActor
 
 BATCH = "batch"
 
-STEP_INPUTS = ("transition", "precision", "eta", "forget", "obs")
-STEP_OUTPUTS = ("action", "action_norm", "precision_out", "eta_out", "surprise", "updated")
 ENCODER_INPUTS = ("transition",)
-ENCODER_OUTPUTS = ("mu", "var")
 POLICY_INPUTS = ("obs", "z")
 POLICY_OUTPUTS = ("action", "action_norm")
 
@@ -64,7 +61,7 @@ class Dims:
 
 def graph_io(graph: str, dims: Dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of ``graph`` ("step", "encoder" or "policy") for these dims."""
-    (b_in, b_out) = belief_io(dims.full)
+    b_in, b_out = belief_io(dims.full)
     if graph == "step":
         return (
             ("transition", *b_in, "forget", "obs"),
@@ -184,26 +181,11 @@ class StepGraph(nn.Module):
         return self.scale(action_norm), action_norm, new_prec, new_eta, surprise, updated
 
 
-class FullStepGraph(nn.Module):
+class FullStepGraph(StepGraph):
     """Fused step for a full belief: (transition, cov, mean, forget, obs) -> action, belief',
-    surprise. Same contract as :class:`StepGraph`; the arithmetic mirrors
+    surprise. Same contract and modules as :class:`StepGraph`; the arithmetic mirrors
     :func:`runtime.posterior.update_full_belief` and :func:`runtime.posterior.full_surprise`.
     """
-
-    def __init__(
-        self,
-        encoder: ContextEncoder,
-        actor: TanhGaussianActor,
-        spec: FamilySpec,
-        prior_var: float,
-    ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.actor = MeanActor(actor)
-        self.scale = ActionScale(spec)
-        z = encoder.latent_dim
-        self.register_buffer("prior_cov", torch.eye(z) * float(prior_var))
-        self.register_buffer("eye", torch.eye(z))
 
     def forward(
         self,
@@ -214,13 +196,14 @@ class FullStepGraph(nn.Module):
         obs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         f = self.encoder.factor(transition)
+        eye = torch.eye(self.encoder.latent_dim, dtype=cov.dtype)  # constant-folded at export
         lam = forget.unsqueeze(-1)
-        c = lam * cov + (1.0 - lam) * self.prior_cov
+        c = lam * cov + (1.0 - lam) * (eye / self.prior_prec)
         m, d = mean, f.mu - mean
         scores = []  # surprise: normalized innovations under the belief before the step
         if f.var is not None:  # measurements z_k = mu_k + N(0, var_k): slices, no products
-            scores.append(d * d / ((cov * self.eye).sum(-1) + f.var))
-            for k in range(self.eye.shape[0]):
+            scores.append(d * d / ((cov * eye).sum(-1) + f.var))
+            for k in range(self.encoder.latent_dim):
                 ch = c[:, :, k]
                 gain = ch / (ch[:, k : k + 1] + f.var[:, k : k + 1])
                 m = m + gain * (f.mu[:, k : k + 1] - m[:, k : k + 1])
