@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from export.graphs import step_graph
 from runtime.bundle import read_manifest
+from runtime.posterior import initial_belief
 from runtime.tasks import make_family
 from training.networks import ContextEncoder, TanhGaussianActor
 
@@ -66,10 +67,8 @@ class TorchStepper:
         self.module = step_module_from_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
         z = manifest.latent_dim
-        if manifest.full_belief:  # (cov, mean)
-            self.belief = (torch.eye(z)[None] * manifest.prior_var, torch.zeros((1, z)))
-        else:  # (precision, eta)
-            self.belief = (torch.full((1, z), 1.0 / manifest.prior_var), torch.zeros((1, z)))
+        prior = initial_belief(1, z, manifest.prior_var, manifest.full_belief)
+        self.belief = (torch.from_numpy(prior[0]), torch.from_numpy(prior[1]))  # (a, b) inputs
         self.forget = torch.full((1, 1), manifest.forget)
         self.traj = traj
         self.pos = 0

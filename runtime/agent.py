@@ -33,7 +33,7 @@ import numpy as np
 from runtime.bundle import Manifest, load_verified
 from runtime.errors import EdgeadaptError
 from runtime.ood import Event, OODMonitor
-from runtime.posterior import Belief, FullBelief, belief_io, entropy
+from runtime.posterior import Belief, FullBelief, belief_io, entropy, initial_belief
 from runtime.providers import SessionTuning
 from runtime.session import GraphSession
 
@@ -128,13 +128,9 @@ class Agent:
         self._zero_norm = _zero_action(self._act_low, self._half)
         self._warn = float(manifest.ood.warn)
         self._full = manifest.full_belief
-        z = manifest.latent_dim
-        # The belief's two arrays: natural parameters (precision, eta) or (cov, mean).
-        self._prior_a = (
-            np.eye(z, dtype=np.float32) * np.float32(manifest.prior_var)
-            if self._full
-            else np.full(z, 1.0 / manifest.prior_var, dtype=np.float32)
-        )
+        # The belief's first array at the prior: precision (diagonal) or covariance (full).
+        prior = initial_belief(1, manifest.latent_dim, manifest.prior_var, self._full)
+        self._prior_a = prior[0][0]
         self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
         self.on_event: Callable[[Event], None] | None = None
         self.batch = 0

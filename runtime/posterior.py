@@ -118,6 +118,15 @@ def prior_full_belief(batch: int, latent_dim: int, prior_var: float = 1.0) -> Fu
     )
 
 
+def initial_belief(
+    batch: int, latent_dim: int, prior_var: float = 1.0, full: bool = False
+) -> Belief | FullBelief:
+    """The prior as the belief kind a bundle or encoder uses (``full``: rank-one directions)."""
+    if full:
+        return prior_full_belief(batch, latent_dim, prior_var)
+    return prior_belief(batch, latent_dim, prior_var)
+
+
 def factor_measurements(
     mu_BZ: np.ndarray, var_BZ: np.ndarray | None, u_BZR: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:

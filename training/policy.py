@@ -12,8 +12,7 @@ import torch
 from runtime.posterior import (
     Belief,
     FullBelief,
-    prior_belief,
-    prior_full_belief,
+    initial_belief,
     update_belief,
     update_full_belief,
 )
@@ -53,11 +52,11 @@ class PearlPolicy:
         self.adaptive = adaptive
         self.generator = generator
         self.full = nets.encoder is not None and nets.encoder.rank > 0
-        self.belief: Belief | FullBelief = self._prior(1)
+        self.belief: Belief | FullBelief = initial_belief(1, latent_dim, prior_var, self.full)
         self.z = np.zeros((1, latent_dim), dtype=np.float32)
 
     def begin_task(self, tasks_BK: np.ndarray) -> None:
-        self.belief = self._prior(len(tasks_BK))
+        self.belief = initial_belief(len(tasks_BK), self.latent_dim, self.prior_var, self.full)
         self.tasks = tasks_BK
         self.resample()
 
@@ -74,11 +73,6 @@ class PearlPolicy:
             self.z = (mean + noise).astype(np.float32)
         else:
             self.z = mean.astype(np.float32)
-
-    def _prior(self, batch: int) -> Belief | FullBelief:
-        if self.full:
-            return prior_full_belief(batch, self.latent_dim, self.prior_var)
-        return prior_belief(batch, self.latent_dim, self.prior_var)
 
     @torch.no_grad()
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
