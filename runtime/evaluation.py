@@ -129,6 +129,14 @@ def normalize(returns: list[float], random_return: float, oracle_return: float |
     return [(r - random_return) / (oracle_return - random_return) for r in returns]
 
 
+def random_policy_return(env_name: str, tasks_TK: np.ndarray, seed: int) -> float:
+    """Mean one-episode return of uniform random actions on these tasks: the 0 of normalized
+    scores."""
+    act_dim = make_family(env_name, 1).spec.act_dim
+    rand = rollout(RandomPolicy(act_dim, np.random.default_rng(seed)), env_name, tasks_TK, 1, seed)
+    return float(rand.returns_TE.mean())
+
+
 def meta_test(
     adaptive: AdaptivePolicy,
     fixed: AdaptivePolicy,
@@ -141,11 +149,9 @@ def meta_test(
     source: str = "",
 ) -> EvalReport:
     """Adaptive vs non-adaptive vs random on the same tasks and seeds, as one report."""
-    act_dim = make_family(env_name, 1).spec.act_dim
     res = rollout(adaptive, env_name, tasks_TK, episodes, seed)
     res_fixed = rollout(fixed, env_name, tasks_TK, episodes, seed)
-    rand = rollout(RandomPolicy(act_dim, np.random.default_rng(seed)), env_name, tasks_TK, 1, seed)
-    random_return = float(rand.returns_TE.mean())
+    random_return = random_policy_return(env_name, tasks_TK, seed)
     return EvalReport(
         env=env_name,
         split=str(split),

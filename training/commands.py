@@ -41,6 +41,21 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--json", action="store_true", help="JSON only (no progress bars)")
     p.set_defaults(handler=cmd_bench_training)
 
+    p = bench.add_parser(
+        "latent-probe",
+        help="split a run's gap to the oracle into actor and inference (best fixed latent)",
+    )
+    p.add_argument("run", help="PEARL run directory")
+    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
+    p.add_argument("--episodes", type=int, help="adaptive episodes per task (default: config)")
+    p.add_argument("--tasks", type=int, help="number of held-out tasks (default: config)")
+    p.add_argument("--seed", type=int, default=0, help="seed of task selection, resets, search")
+    p.add_argument("--oracle", help="oracle run directory (default: the run's eval.oracle_run)")
+    p.add_argument("--population", type=int, default=64, help="search candidates per task")
+    p.add_argument("--iterations", type=int, default=12, help="cross-entropy search rounds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_bench_latent_probe)
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from runtime.errors import ConfigError
@@ -174,4 +189,33 @@ def cmd_bench_training(args: argparse.Namespace) -> int:
         report = evaluate_run(out / f"{config.stem}-pearl", split)
         result[split] = report.to_dict()
     print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_bench_latent_probe(args: argparse.Namespace) -> int:
+    """Probe each task's best fixed latent; print the actor / inference split of the gap."""
+    from training.probe import latent_probe
+
+    r = latent_probe(
+        args.run,
+        args.split,
+        args.episodes,
+        args.tasks,
+        args.seed,
+        args.oracle,
+        args.population,
+        args.iterations,
+    ).to_dict()
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    eps = ", ".join(f"{v:.3f}" for v in r["adaptive_return_by_episode"])
+    gaps = ", ".join(f"{v:.3f}" for v in r["inference_gap_by_episode"])
+    oracle = "n/a" if r["oracle_return"] is None else f"{r['oracle_return']:.3f}"
+    actor_gap = "n/a (no oracle)" if r["actor_gap"] is None else f"{r['actor_gap']:.3f}"
+    print(f"{r['env']} / {r['split']}: {r['tasks']} tasks, {r['episodes']} adaptive episodes")
+    print(f"  adaptive return by episode   {eps}")
+    print(f"  best fixed latent (probe)    {r['probe_return']:.3f}   oracle {oracle}")
+    print(f"  actor gap (oracle - probe)   {actor_gap}")
+    print(f"  inference gap by episode     {gaps}   (probe - adaptive)")
     return 0

@@ -29,7 +29,7 @@ def evaluate_run(
     n = tasks or cfg.eval.tasks
     env = cfg.env.name
     task_set = held_out_tasks(make_family(env, 1), split, n, seed)
-    oracle_return = _oracle_return(run, oracle_run, task_set, seed)
+    oracle_return = oracle_return_for(run, oracle_run, task_set, seed)
     return meta_test(
         policy_for(run, adaptive=True),
         policy_for(run, adaptive=False),
@@ -71,9 +71,11 @@ def oracle_return_on(oracle_dir: str | Path, env: str, tasks_TK: np.ndarray, see
     return float(rollout(policy_for(oracle), env, tasks_TK, 1, seed).returns_TE.mean())
 
 
-def _oracle_return(
+def oracle_return_for(
     run: LoadedRun, oracle_run: str | Path | None, tasks_TK: np.ndarray, seed: int
 ) -> float | None:
+    """The privileged oracle's return on these tasks for ``run``: the run itself if it is an
+    oracle, else ``oracle_run`` or the run's ``eval.oracle_run`` (None when neither is set)."""
     cfg = run.config
     if cfg.pearl.oracle:
         return float(rollout(policy_for(run), cfg.env.name, tasks_TK, 1, seed).returns_TE.mean())
