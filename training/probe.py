@@ -9,15 +9,18 @@ perfect belief could earn with this actor, and splits the gap to the privileged 
                              actor gap            inference gap, episode k
 
 A large inference gap says the belief is the bottleneck (encoder, belief model, exploration); a
-large actor gap says the policy cannot act well even when told the right latent.
+large actor gap says the policy cannot act well even when told the right latent. The actor gap
+can be negative: the oracle is a trained policy too, and a latent chosen per task with the true
+reward may drive this actor better than the oracle drives itself.
 
 The search starts from the adaptive agent's belief mean after the evaluated episodes, draws
 ``population`` candidates per task around the current search mean (candidate 0 is that mean
 itself), refits mean and spread to the best ``elite`` share, and keeps the best candidate seen.
 The probe's return is that candidate's episode under the evaluation's own protocol and seed, so
-it is comparable with ``edgeadapt evaluate``. It is a lower bound of the best fixed-latent
-return (the search may miss the optimum) and, for families with random initial states, carries
-a small winner's-curse optimism from picking the best of noisy scores.
+it is comparable with ``edgeadapt evaluate``; with random initial states the search scored its
+candidates from other start states than that final episode (all but task 0's first candidate),
+so picking the best of noisy scores does not inflate the reported return. It is a lower bound
+of the best fixed-latent return (the search may miss the optimum).
 """
 
 from __future__ import annotations
