@@ -22,12 +22,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
     p = sub.add_parser("evaluate", help="meta-test a run directory or a bundle on held-out tasks")
     p.add_argument("path", help="run directory (torch) or bundle directory (onnxruntime)")
-    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
-    p.add_argument("--episodes", type=int, help="episodes per task (belief carries over)")
-    p.add_argument("--tasks", type=int, help="number of held-out tasks")
-    p.add_argument("--seed", type=int, default=0, help="seed of task selection and resets")
-    p.add_argument("--oracle", help="oracle run directory for normalized scores")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _protocol_args(p)
     p.set_defaults(handler=cmd_evaluate)
 
     p = bench.add_parser(
@@ -46,15 +41,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         help="split a run's gap to the oracle into actor and inference (best fixed latent)",
     )
     p.add_argument("run", help="PEARL run directory")
-    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
-    p.add_argument("--episodes", type=int, help="adaptive episodes per task (default: config)")
-    p.add_argument("--tasks", type=int, help="number of held-out tasks (default: config)")
-    p.add_argument("--seed", type=int, default=0, help="seed of task selection, resets, search")
-    p.add_argument("--oracle", help="oracle run directory (default: the run's eval.oracle_run)")
+    _protocol_args(p)
     p.add_argument("--population", type=int, default=64, help="search candidates per task")
     p.add_argument("--iterations", type=int, default=12, help="cross-entropy search rounds")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_bench_latent_probe)
+
+
+def _protocol_args(p: argparse.ArgumentParser) -> None:
+    """The meta-test protocol's options, shared by ``evaluate`` and ``bench latent-probe``."""
+    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
+    p.add_argument("--episodes", type=int, help="episodes per task (belief carries over)")
+    p.add_argument("--tasks", type=int, help="number of held-out tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of task selection and resets")
+    p.add_argument("--oracle", help="oracle run directory for normalized scores")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

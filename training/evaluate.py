@@ -23,17 +23,12 @@ def evaluate_run(
     oracle_run: str | Path | None = None,
 ) -> EvalReport:
     """Run the adaptation protocol on held-out tasks and report per-episode returns."""
-    run = load_run(run_dir)
-    cfg = run.config
-    episodes = episodes or cfg.eval.episodes
-    n = tasks or cfg.eval.tasks
-    env = cfg.env.name
-    task_set = held_out_tasks(make_family(env, 1), split, n, seed)
+    run, episodes, task_set = load_protocol(run_dir, split, episodes, tasks, seed)
     oracle_return = oracle_return_for(run, oracle_run, task_set, seed)
     return meta_test(
         policy_for(run, adaptive=True),
         policy_for(run, adaptive=False),
-        env,
+        run.config.env.name,
         task_set,
         episodes,
         seed,
@@ -41,6 +36,17 @@ def evaluate_run(
         oracle_return,
         source=str(run_dir),
     )
+
+
+def load_protocol(
+    run_dir: str | Path, split: str, episodes: int | None, tasks: int | None, seed: int
+) -> tuple[LoadedRun, int, np.ndarray]:
+    """The run, its episode count and its held-out tasks (the config's defaults where None)."""
+    run = load_run(run_dir)
+    cfg = run.config
+    n = tasks or cfg.eval.tasks
+    tasks_TK = held_out_tasks(make_family(cfg.env.name, 1), split, n, seed)
+    return run, episodes or cfg.eval.episodes, tasks_TK
 
 
 def policy_for(run: LoadedRun, adaptive: bool = True) -> PearlPolicy:

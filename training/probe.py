@@ -34,10 +34,8 @@ import numpy as np
 import torch
 
 from runtime.errors import CheckpointError
-from runtime.evaluation import held_out_tasks, normalize, random_policy_return, rollout
-from runtime.tasks import make_family
-from training.checkpoint import load_run
-from training.evaluate import oracle_return_for, policy_for
+from runtime.evaluation import normalize, random_policy_return, rollout
+from training.evaluate import load_protocol, oracle_return_for, policy_for
 
 
 class LatentActor(Protocol):
@@ -136,15 +134,13 @@ def latent_probe(
 ) -> ProbeReport:
     """Evaluate a run as ``edgeadapt evaluate`` does, then probe each task's best fixed latent."""
     start = time.perf_counter()
-    run = load_run(run_dir)
+    run, episodes, tasks_TK = load_protocol(run_dir, split, episodes, tasks, seed)
     cfg = run.config
     if cfg.pearl.oracle:
         raise CheckpointError(
             f"{run_dir}: an oracle run reads the true task vector; there is no latent to probe"
         )
-    episodes = episodes or cfg.eval.episodes
     env = cfg.env.name
-    tasks_TK = held_out_tasks(make_family(env, 1), split, tasks or cfg.eval.tasks, seed)
     adaptive = policy_for(run, adaptive=True)
     res = rollout(adaptive, env, tasks_TK, episodes, seed)
     spread = float(np.sqrt(cfg.model.prior_var))
