@@ -61,3 +61,5 @@ def test_cli_prints_the_gap_split_against_an_oracle(tmp_path, capsys):
     assert len(r["inference_gap_by_episode"]) == r["episodes"] == 3
     assert main(["bench", "latent-probe", str(oracle)]) == 2
     assert "no latent to probe" in capsys.readouterr().err
+    assert main(["bench", "latent-probe", str(pearl), "--population", "1"]) != 0
+    assert "need population >= 2" in capsys.readouterr().err

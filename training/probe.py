@@ -33,7 +33,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, ConfigError
 from runtime.evaluation import normalize, random_policy_return, rollout
 from training.evaluate import load_protocol, oracle_return_for, policy_for
 
@@ -101,7 +101,10 @@ def search_latents(
     """Cross-entropy search for each task's best fixed latent: ``(z_TZ, score_T)``, the best
     candidate seen and its one-episode return (scored with ``rollout`` at ``seed``)."""
     if population < 2 or iterations < 1 or not 0.0 < elite <= 1.0:
-        raise ValueError("need population >= 2, iterations >= 1 and 0 < elite <= 1")
+        raise ConfigError(
+            f"latent probe: need population >= 2, iterations >= 1 and 0 < elite <= 1; got "
+            f"{population}, {iterations} and {elite}"
+        )
     t, z = start_TZ.shape
     rng = np.random.default_rng(seed)
     n_elite = max(1, round(elite * population))
