@@ -110,7 +110,7 @@ def search_latents(
     n_elite = max(1, round(elite * population))
     mean, std = start_TZ.astype(np.float64), np.full((t, z), float(spread))
     best_z, best_score = mean.copy(), np.full(t, -np.inf)
-    tasks_rep = np.repeat(tasks_TK, population, axis=0)
+    tasks_rep, rows = np.repeat(tasks_TK, population, axis=0), np.arange(t)
     for _ in range(iterations):
         cand = mean[:, None] + std[:, None] * rng.standard_normal((t, population, z))
         cand[:, 0] = mean  # the current mean is always scored (the search never loses it)
@@ -119,9 +119,9 @@ def search_latents(
         top = np.argsort(-score, axis=1)[:, :n_elite]
         elites = np.take_along_axis(cand, top[..., None], axis=1)
         mean, std = elites.mean(axis=1), np.maximum(elites.std(axis=1), 1e-4)
-        better = score[np.arange(t), top[:, 0]] > best_score
-        best_z[better] = cand[np.arange(t), top[:, 0]][better]
-        best_score[better] = score[np.arange(t), top[:, 0]][better]
+        better = score[rows, top[:, 0]] > best_score
+        best_z = np.where(better[:, None], cand[rows, top[:, 0]], best_z)
+        best_score = np.where(better, score[rows, top[:, 0]], best_score)
     return best_z.astype(np.float32), best_score
 
 
