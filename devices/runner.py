@@ -184,6 +184,7 @@ class FieldRunner:
     def _episode(self, task: np.ndarray, rng: np.random.Generator) -> float:
         env, spec = self.env, self.env.spec
         obs = env.reset(task[None], rng)[0]
+        self.agent.begin_episode()
         reward: float | None = None
         total = 0.0
         period = 1.0 / self.rate_hz
@@ -259,9 +260,9 @@ class FieldRunner:
     def _apply_commands(self) -> None:
         while self._commands:
             cmd = self._commands.popleft()
-            if cmd.name == "reset-belief":
-                self.agent.reset()
-                self._event("belief_reset", {"reason": "command", "step": self._step})
+            if cmd.name in ("reset-state", "reset-belief"):
+                self.agent.reset_state()
+                self._event("state_reset", {"reason": "command", "step": self._step})
             elif cmd.name == "set-mode":
                 self.commanded_safe = cmd.args.get("mode") == "safe"
                 self._set_mode(Mode.SAFE if self.commanded_safe else Mode.ADAPTIVE, "command")
@@ -310,7 +311,7 @@ class FieldRunner:
     def _record(
         self, obs: np.ndarray, action: np.ndarray, reward: float, latency_us: float
     ) -> None:
-        b = self.agent.belief
+        b = self.agent.summary
         t = self.trace
         t.task.append(self.env.tasks[0].tolist())
         t.episode.append(len(t.returns))
@@ -339,7 +340,11 @@ class FieldRunner:
 
         m = self.agent.manifest
         birth = BirthInfo(
-            bundle_id=m.bundle_id, bundle_version=m.version, profile=self.profile.name
+            bundle_id=m.bundle_id,
+            bundle_version=m.version,
+            profile=self.profile.name,
+            algorithm=m.algorithm,
+            summary_names=tuple(m.adaptation.summary_names),
         )
         self.telemetry = TelemetryClient(self.opts.telemetry, birth, self._on_command).start()
 

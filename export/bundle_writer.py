@@ -39,6 +39,7 @@ from export.reference import (
 )
 from export.signing import sign_file
 from runtime import RUNTIME_VERSION
+from runtime.adaptation import ParamSpec, PearlAdaptation, StateSpec
 from runtime.agent import Agent, AgentConfig
 from runtime.bundle import (
     MANIFEST_FILE,
@@ -201,8 +202,9 @@ def _manifest(
         bundle_id=str(uuid.uuid4()),
         version=RUNTIME_VERSION,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        algorithm="pearl",
+        adaptation=pearl_adaptation(cfg),
         env=cfg.env.name,
+        plugins=list(cfg.env.plugins),
         profile=profile.name if profile is not None else options.profile,
         min_runtime_version=RUNTIME_VERSION,
         opset=options.opset,
@@ -220,12 +222,6 @@ def _manifest(
             high=[float(x) for x in spec.act_high],
             normalization="policy emits a in [-1, 1]; physical = low + (high - low) / 2 * (a + 1)",
         ),
-        latent_dim=cfg.model.latent_dim,
-        factor_rank=cfg.model.factor_rank,
-        factor_diagonal=cfg.model.factor_diagonal,
-        prior_var=cfg.model.prior_var,
-        forget=cfg.pearl.forget,
-        min_var=cfg.model.min_var,
         horizon=spec.horizon,
         test_vectors=TEST_VECTORS_FILE,
         test_tolerance=tolerance or {},
@@ -234,6 +230,33 @@ def _manifest(
         trt=_trt_settings(options, profile),
         provenance=provenance,
     )
+
+
+def pearl_adaptation(cfg: Any) -> PearlAdaptation:
+    """The manifest declaration of a PEARL run's belief: its two state tensors at the prior
+    and the forgetting factor."""
+    m = cfg.model
+    z = m.latent_dim
+    if m.factor_rank > 0:
+        eye = [m.prior_var if i == j else 0.0 for i in range(z) for j in range(z)]
+        state = [
+            StateSpec(name="cov", shape=[z, z], init=eye),
+            StateSpec(name="mean", shape=[z], init=0.0),
+        ]
+    else:
+        state = [
+            StateSpec(name="precision", shape=[z], init=1.0 / m.prior_var),
+            StateSpec(name="eta", shape=[z], init=0.0),
+        ]
+    forget = ParamSpec(
+        name="forget", default=cfg.pearl.forget, low=1e-3, high=1.0,
+        description="forgetting factor: < 1 discounts old evidence toward the prior",
+    )  # fmt: skip
+    return PearlAdaptation(
+        state=state, params=[forget], summary_names=[f"z{i}" for i in range(z)],
+        latent_dim=z, factor_rank=m.factor_rank, factor_diagonal=m.factor_diagonal,
+        prior_var=m.prior_var, min_var=m.min_var,
+    )  # fmt: skip
 
 
 def _placeholder_ood() -> OODSpec:

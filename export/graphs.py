@@ -14,7 +14,8 @@ graph serves one agent or a fleet (dynamic batch axis ``batch``).
 With rank-one directions the belief is a full Gaussian and the step graph carries it as
 (``cov``, ``mean``), absorbing a transition by sequential rank-one Kalman updates (see
 :mod:`runtime.posterior`): only MatMul/Mul/Div/Sub nodes, no matrix inverse, which ONNX lacks.
-- ``policy``: (obs, z) -> deterministic action, normalized and scaled.
+- ``act``: (obs, belief) -> deterministic action under the belief mean, normalized and scaled
+  (the adaptation contract's act graph: the runtime feeds it the state it keeps).
 
 The arithmetic mirrors :mod:`runtime.posterior` operation by operation so that the fused graph
 and the numpy belief agree to float32 rounding.
@@ -35,8 +36,7 @@ from training.networks import ContextEncoder, TanhGaussianActor
 BATCH = "batch"
 
 ENCODER_INPUTS = ("transition",)
-POLICY_INPUTS = ("obs", "z")
-POLICY_OUTPUTS = ("action", "action_norm")
+ACT_OUTPUTS = ("action", "action_norm")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Dims:
 
 
 def graph_io(graph: str, dims: Dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names of ``graph`` ("step", "encoder" or "policy") for these dims."""
+    """Input and output names of ``graph`` ("step", "encoder" or "act") for these dims."""
     b_in, b_out = belief_io(dims.full)
     if graph == "step":
         return (
@@ -70,7 +70,7 @@ def graph_io(graph: str, dims: Dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if graph == "encoder":
         outs = ("mu",) + (("var",) if dims.diagonal else ()) + (("u",) if dims.rank else ())
         return ENCODER_INPUTS, outs
-    return POLICY_INPUTS, POLICY_OUTPUTS
+    return ("obs", "mean") if dims.full else ("obs", *b_in), ACT_OUTPUTS
 
 
 def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], str]]:
@@ -84,7 +84,6 @@ def tensor_shapes(graph: str, dims: Dims) -> dict[str, tuple[list[int | str], st
         "mean": ([b, z], "float32"),
         "forget": ([b, 1], "float32"),
         "obs": ([b, dims.obs], "float32"),
-        "z": ([b, z], "float32"),
         "action": ([b, dims.act], "float32"),
         "action_norm": ([b, dims.act], "float32"),
         "precision_out": ([b, z], "float32"),
@@ -245,16 +244,19 @@ class EncoderGraph(nn.Module):
         return tuple(t for t in f if t is not None)
 
 
-class PolicyGraph(nn.Module):
-    """(obs, z) -> deterministic action (scaled, normalized)."""
+class ActGraph(nn.Module):
+    """(obs, precision, eta) or (obs, mean) -> deterministic action (scaled, normalized) at
+    the belief mean: the act graph of the adaptation contract."""
 
-    def __init__(self, actor: TanhGaussianActor, spec: FamilySpec) -> None:
+    def __init__(self, actor: TanhGaussianActor, spec: FamilySpec, full: bool) -> None:
         super().__init__()
-        self.actor = actor
+        self.actor = MeanActor(actor)
         self.scale = ActionScale(spec)
+        self.full = full
 
-    def forward(self, obs: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        action_norm = self.actor.deterministic(obs, z)
+    def forward(self, obs: torch.Tensor, *belief: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = belief[0] if self.full else belief[1] / belief[0]  # mean, or eta / precision
+        action_norm = self.actor(obs, z)
         return self.scale(action_norm), action_norm
 
 

@@ -23,7 +23,7 @@ DEFAULT_OPSET = 17
 def export_graph(
     module: nn.Module, graph: str, dims: Dims, path: Path, opset: int = DEFAULT_OPSET
 ) -> GraphSpec:
-    """Export ``module`` as graph ``graph`` ("step", "encoder" or "policy") to ``path``."""
+    """Export ``module`` as graph ``graph`` ("step", "encoder" or "act") to ``path``."""
     inputs, outputs = graph_io(graph, dims)
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
@@ -75,5 +75,5 @@ DESCRIPTIONS = {
     "step": "fused step: absorb transition into belief, surprise, action for obs",
     "step_int8": "fused step, weights INT8 (onnxruntime dynamic quantization)",
     "encoder": "transition -> Gaussian factor over the latent (mu, var and/or directions u)",
-    "policy": "(obs, z) -> deterministic action (scaled, normalized)",
+    "act": "(obs, belief) -> deterministic action at the belief mean (scaled, normalized)",
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.graphs import Dims, EncoderGraph, PolicyGraph, graph_io, step_graph
+from export.graphs import ActGraph, Dims, EncoderGraph, graph_io, step_graph
 from runtime.errors import CheckpointError
 from runtime.tasks.base import FamilySpec
 from training.checkpoint import LoadedRun
@@ -37,7 +37,7 @@ def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
     mods: dict[str, torch.nn.Module] = {
         "step": step_graph(run.nets.encoder, run.nets.actor, spec, run.config.model.prior_var),
         "encoder": EncoderGraph(run.nets.encoder),
-        "policy": PolicyGraph(run.nets.actor, spec),
+        "act": ActGraph(run.nets.actor, spec, run.nets.encoder.rank > 0),
     }
     return {k: m.eval() for k, m in mods.items()}
 

@@ -31,15 +31,16 @@ def step_module_from_bundle(bundle_dir: str | Path) -> torch.nn.Module:
         t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer
     }
     spec = make_family(manifest.env, 1).spec
-    o, a, z = manifest.obs.dim, manifest.act.dim, manifest.latent_dim
+    pearl = manifest.adaptation
+    o, a, z = manifest.obs.dim, manifest.act.dim, pearl.latent_dim
     encoder = ContextEncoder(
         o,
         a,
         z,
         _hidden(weights, "encoder.net"),
-        manifest.min_var,
-        manifest.factor_rank,
-        manifest.factor_diagonal,
+        pearl.min_var,
+        pearl.factor_rank,
+        pearl.factor_diagonal,
     )
     hidden = _hidden(weights, "actor.net", include_last=True)
     actor = TanhGaussianActor(o, z, a, hidden)
@@ -54,7 +55,7 @@ def step_module_from_bundle(bundle_dir: str | Path) -> torch.nn.Module:
     full_w[:a], full_b[:a] = weights[w_name], weights[b_name]
     actor_state |= {f"net.{last}.weight": full_w, f"net.{last}.bias": full_b}
     actor.load_state_dict(actor_state)
-    return step_graph(encoder, actor, spec, manifest.prior_var).eval()
+    return step_graph(encoder, actor, spec, pearl.prior_var).eval()
 
 
 class TorchStepper:
@@ -66,10 +67,11 @@ class TorchStepper:
         torch.set_num_threads(threads)
         self.module = step_module_from_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
-        z = manifest.latent_dim
-        prior = initial_belief(1, z, manifest.prior_var, manifest.full_belief)
+        pearl = manifest.adaptation
+        prior = initial_belief(1, pearl.latent_dim, pearl.prior_var, pearl.full_belief)
         self.belief = (torch.from_numpy(prior[0]), torch.from_numpy(prior[1]))  # (a, b) inputs
-        self.forget = torch.full((1, 1), manifest.forget)
+        forget = next(p.default for p in pearl.params if p.name == "forget")
+        self.forget = torch.full((1, 1), forget)
         self.traj = traj
         self.pos = 0
         self.run(200)  # warm-up

@@ -73,7 +73,7 @@ def verify(
     if run_dir is not None:
         res.parity = parity_check(bundle_dir, manifest, Path(run_dir), random_rows)
         res.parity_max_abs_err = res.parity["max_abs_err"]
-        target = PARITY_TARGET_FULL if manifest.full_belief else PARITY_TARGET
+        target = parity_target(manifest)
         if not res.parity_max_abs_err <= target:
             res.reasons.append(
                 f"parity: max error {res.parity_max_abs_err:.3g} > target {target:g}"
@@ -111,7 +111,7 @@ def parity_check(
     errors: dict[str, float] = {}
     problems = []
     with torch.no_grad():
-        for graph in ("step", "encoder", "policy"):
+        for graph in ("step", "encoder", "act"):
             graph_errors, graph_problems = _graph_parity(
                 bundle_dir, manifest, graph, modules[graph], inputs
             )
@@ -136,7 +136,7 @@ def _graph_parity(
     import torch
 
     spec = manifest.graph(graph)
-    feeds = _feeds_for(graph, step_inputs)
+    feeds = {t.name: step_inputs[t.name] for t in spec.inputs}  # paired by name
     session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])
     got = session.run_feeds(feeds)
     ref_t = module(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in spec.inputs))
@@ -157,29 +157,27 @@ def _graph_parity(
     return errors, problems
 
 
-def _feeds_for(graph: str, step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if graph == "step":
-        return step
-    if graph == "encoder":
-        return {"transition": step["transition"]}
-    z = step["mean"] if "mean" in step else (step["eta"] / step["precision"]).astype(np.float32)
-    return {"obs": step["obs"], "z": z}
-
-
 def _run_matches(run: Any, manifest: Manifest) -> list[str]:
     cfg = run.config
     problems = []
     if cfg.env.name != manifest.env:
         problems.append(f"run is for env {cfg.env.name!r}, bundle for {manifest.env!r}")
-    if cfg.model.latent_dim != manifest.latent_dim:
-        problems.append(
-            f"run latent_dim {cfg.model.latent_dim} != bundle latent_dim {manifest.latent_dim}"
-        )
-    if cfg.model.factor_rank != manifest.factor_rank:
-        problems.append(
-            f"run factor_rank {cfg.model.factor_rank} != bundle factor_rank {manifest.factor_rank}"
-        )
+    if cfg.algo != manifest.algorithm:
+        problems.append(f"run is {cfg.algo}, bundle is {manifest.algorithm}")
+        return problems
+    ad = manifest.adaptation
+    for key in ("latent_dim", "factor_rank"):
+        ours, theirs = getattr(cfg.model, key), getattr(ad, key)
+        if ours != theirs:
+            problems.append(f"run {key} {ours} != bundle {key} {theirs}")
     return problems
+
+
+def parity_target(manifest: Manifest) -> float:
+    """The parity target of a bundle: 1e-4 for full-belief PEARL bundles (see the module
+    doc), else 1e-5."""
+    full = getattr(manifest.adaptation, "factor_rank", 0) > 0
+    return PARITY_TARGET_FULL if full else PARITY_TARGET
 
 
 def _onnx_checker(bundle_dir: Path, manifest: Manifest, reasons: list[str]) -> str:

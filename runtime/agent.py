@@ -1,10 +1,19 @@
-"""The on-device agent: a verified bundle, a running belief and safe actions (numpy + onnxruntime).
+"""The on-device agent: a verified bundle, its adaptation state and safe actions (numpy + ORT).
 
-One :class:`Agent` steps ``batch`` agents at once (1 on a drone, N in a simulator or a fleet).
+:class:`Agent` is the algorithm-neutral safety shell around whatever meta-RL family a bundle
+holds. The family is a declaration (:mod:`runtime.adaptation`): named state tensors with
+initial values, params, and two graphs paired with them by name. The shell never looks at the
+algorithm: it validates input, keeps each agent's state, feeds the graphs, refuses non-finite
+or out-of-bounds input and updates, returns fallbacks, clamps actions, raises OOD and
+change-point events and batches ``batch`` agents (1 on a drone, N in a simulator or a fleet).
+
 Per transition it makes one call to the bundle's fused step graph, which absorbs the transition
-into the belief's natural parameters (O(1) time and memory whatever the context length) and
-returns the action for the next observation; the following :meth:`Agent.act` on that
-observation returns the cached action without another call.
+into the state (O(1) time and memory whatever the context length: a belief's natural
+parameters, a recurrent hidden state) and returns the action for the next observation; the
+following :meth:`Agent.act` on that observation returns the cached action without another call.
+Episode boundaries are part of the API: ``observe(..., done=True)`` marks the last transition of
+an episode (families that declare a ``done`` input see it); the state persists across the
+episodes of a task until :meth:`Agent.reset`.
 
 Two action conventions, on purpose:
 
@@ -13,10 +22,13 @@ Two action conventions, on purpose:
 - :meth:`Agent.act_scaled` and :meth:`Agent.step` return *physical* actions within the family's
   bounds, for device control loops (``step`` keeps the previous obs and action itself).
 
-Bad input never poisons the belief: a wrong shape or dtype raises :class:`InputError` naming what
-was expected; a NaN/inf observation, action or reward skips the transition (counted in
-``belief.skipped``), raises an event and, where an action is needed, returns the configured safe
-fallback. Returned actions are always finite and within bounds.
+Bad input never poisons the state: a wrong shape or dtype raises :class:`InputError` naming the
+argument and what was expected; a NaN/inf observation, action or reward, or an observation beyond
+the manifest's bounds plus its margin, skips the transition (counted in ``summary.skipped``),
+raises an event and, where an action is needed, returns the configured safe fallback. A
+transition whose surprise is far beyond the calibrated alarm level (``outlier_factor``) is not
+absorbed unless such transitions persist (a real change, not a glitch). Returned actions are
+always finite and within bounds.
 """
 
 from __future__ import annotations
@@ -30,10 +42,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from runtime.adaptation import STATE_OUT_SUFFIX
 from runtime.bundle import Manifest, load_verified
 from runtime.errors import EdgeadaptError
 from runtime.ood import Event, OODMonitor
-from runtime.posterior import Belief, FullBelief, belief_io, entropy, initial_belief
 from runtime.providers import SessionTuning
 from runtime.session import GraphSession
 
@@ -44,6 +56,7 @@ log = logging.getLogger(__name__)
 
 Fallback = Literal["zeros", "hold", "policy"]
 STEP_GRAPHS = {"fp32": "step", "int8": "step_int8"}
+ACT_GRAPH = "act"
 
 
 class InputError(EdgeadaptError, ValueError):
@@ -54,18 +67,27 @@ class InputError(EdgeadaptError, ValueError):
 class AgentConfig:
     """How the runtime behaves; every field has a safe default."""
 
-    #: Forgetting factor in (0, 1]; None = the bundle's default. < 1 tracks changing tasks.
+    #: PEARL's forgetting factor in (0, 1]; None = the bundle's default. < 1 tracks changing
+    #: tasks. Shorthand for ``params={"forget": ...}``; refused for families without it.
     forget: float | None = None
+    #: Values of the family's declared params (name -> value); others keep their defaults.
+    params: dict[str, float] = field(default_factory=dict)
     #: Safe action when the observation is not finite: "zeros" (physical 0, clipped to bounds),
     #: "hold" (the last action returned) or "policy" (the policy at the last finite observation).
     fallback: Fallback = "hold"
-    #: "reset": reset an agent's belief to the prior after ``changepoint_patience`` consecutive
+    #: "reset": reset an agent's adaptation state after ``changepoint_patience`` consecutive
     #: steps with surprise above the alarm threshold. "off": only raise events.
     changepoint: Literal["off", "reset"] = "off"
     changepoint_patience: int = 3
+    #: A transition whose surprise exceeds ``outlier_factor`` x the calibrated alarm level is
+    #: not absorbed (a glitch must not ruin the task), unless such transitions persist: the
+    #: ``outlier_patience``-th in a row and those after it are absorbed (the world changed).
+    #: None: absorb everything.
+    outlier_factor: float | None = 10.0
+    outlier_patience: int = 3
     #: Step graph precision: "fp32" or "int8" (the bundle must contain the INT8 variant).
     precision: Literal["fp32", "int8"] = "fp32"
-    #: False: never update the belief (the non-adaptive reference of the evaluation).
+    #: False: never update the adaptation state (the non-adaptive reference).
     adaptive: bool = True
     #: Bind pre-allocated buffers once (IOBinding) instead of passing arrays to every run().
     iobinding: bool = True
@@ -77,14 +99,24 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class BeliefState:
-    """The task belief of each agent (batch axis dropped for a single agent)."""
+class AdaptationSummary:
+    """What each agent has adapted to (batch axis dropped for a single agent).
 
-    mean: np.ndarray  # (Z,) or (B, Z)
+    ``mean``: the family's summary vector (PEARL: the belief mean; RL²: a projection of the
+    hidden state); ``var``: its spread (PEARL's marginal variance; empty otherwise);
+    ``entropy``: nats (NaN where the family has none).
+    """
+
+    algorithm: str
+    mean: np.ndarray  # (S,) or (B, S)
     var: np.ndarray
     entropy: float | np.ndarray  # nats
     count: int | np.ndarray  # transitions absorbed since reset
-    skipped: int | np.ndarray  # transitions refused (non-finite) since reset
+    skipped: int | np.ndarray  # transitions refused (non-finite, out of bounds, outlier)
+
+
+#: The name it had when PEARL was the only family.
+BeliefState = AdaptationSummary
 
 
 @dataclass
@@ -97,8 +129,20 @@ class SelfTestReport:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _StateSlot:
+    """One declared state tensor: the step graph's input and output buffers, the act graph's
+    input buffer and one agent's initial value."""
+
+    name: str
+    step_in: np.ndarray
+    step_out: np.ndarray
+    act_in: np.ndarray | None
+    init: np.ndarray
+
+
 class Agent:
-    """``batch`` adaptive agents driven by a bundle's fused step graph."""
+    """``batch`` adaptive agents driven by a bundle's step and act graphs."""
 
     def __init__(
         self,
@@ -108,29 +152,25 @@ class Agent:
         config: AgentConfig | None = None,
     ) -> None:
         self.manifest = manifest
+        self.adaptation = manifest.adaptation
         self.bundle_dir = Path(bundle_dir)
         self.config = config or AgentConfig()
         self.graph_name = STEP_GRAPHS[self.config.precision]
-        self.forget = float(
-            self.config.forget if self.config.forget is not None else manifest.forget
-        )
-        if not 0.0 < self.forget <= 1.0:
-            raise InputError(f"forget must be in (0, 1], got {self.forget}")
+        self.param_values = self._param_values()
         self.session = self._session(self.graph_name, providers)
         # INT8 graphs quantize activations per call over the whole batch: a NaN in one row
         # would poison every row, so non-finite rows are zeroed before those calls.
         self._sanitize = self.session.spec.precision == "int8"
-        self.policy_session = self._session("policy", providers)
+        self.act_session = self._session(ACT_GRAPH, providers)
         self._obs_dim, self._act_dim = manifest.obs.dim, manifest.act.dim
         self._act_low = np.asarray(manifest.act.low, dtype=np.float32)
         self._act_high = np.asarray(manifest.act.high, dtype=np.float32)
         self._half = (self._act_high - self._act_low) / 2.0
         self._zero_norm = _zero_action(self._act_low, self._half)
+        self._obs_lo, self._obs_hi = _obs_limits(manifest)
         self._warn = float(manifest.ood.warn)
-        self._full = manifest.full_belief
-        # The belief's first array at the prior: precision (diagonal) or covariance (full).
-        prior = initial_belief(1, manifest.latent_dim, manifest.prior_var, self._full)
-        self._prior_a = prior[0][0]
+        f = self.config.outlier_factor
+        self._outlier = float("inf") if f is None else float(f) * float(manifest.ood.alarm)
         self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
         self.on_event: Callable[[Event], None] | None = None
         self.batch = 0
@@ -152,24 +192,38 @@ class Agent:
         manifest = load_verified(bundle_dir, pubkey, require_signature)
         return cls(manifest, bundle_dir, providers, config)
 
+    @property
+    def algorithm(self) -> str:
+        return self.adaptation.algorithm
+
     # -- AdaptivePolicy ----------------------------------------------------------------------
     def begin_task(self, tasks_BK: np.ndarray) -> None:
-        """Protocol hook: one agent per task, belief back to the prior (tasks are not read)."""
+        """Protocol hook: one agent per task, state back to its initial value (tasks unread)."""
         self.reset(len(tasks_BK))
 
+    def begin_episode(self) -> None:
+        """Protocol hook: a new episode of the same task starts. The adaptation state carries
+        over; only the previous observation kept by :meth:`step` is dropped."""
+        self._prev_obs = None
+
     def reset(self, batch: int | None = None) -> None:
-        """Forget everything (new task): belief back to the prior; optionally a new batch size."""
+        """Forget everything (new task): state back to its initial value; optionally a new
+        batch size."""
         batch = self.batch if batch is None else int(batch)
         if batch != self.batch:
             self.session.resize(batch)
-            self.policy_session.resize(batch)
+            self.act_session.resize(batch)
             self.batch = batch
             self._bind_buffers()
-        self._bel_a[:] = self._prior_a
-        self._bel_b[:] = 0.0
-        self._forget[:] = self.forget
+        for slot in self._slots:
+            slot.step_in[...] = slot.init
+        for name, value in self.param_values.items():
+            self.session.inputs[name][...] = value
+        if self._done_in is not None:
+            self._done_in[...] = 0.0
         self._count = np.zeros(batch, dtype=np.int64)
         self._skipped = np.zeros(batch, dtype=np.int64)
+        self._outliers = np.zeros(batch, dtype=np.int64)  # consecutive outliers per agent
         self._surprise = np.zeros(batch, dtype=np.float32)
         self._last_norm = np.repeat(self._zero_norm[None], batch, axis=0)
         self._last_good_obs: np.ndarray | None = None
@@ -183,7 +237,8 @@ class Agent:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Deterministic normalized action in [-1, 1]: ``(A,)`` for ``(O,)``, ``(B, A)`` for
-        ``(B, O)``. Non-finite observation rows get the safe fallback (and an event)."""
+        ``(B, O)``. Non-finite or out-of-bounds observation rows get the safe fallback (and an
+        event)."""
         arr = self._rows(obs, self._obs_dim, "obs")
         key = self._cache_key
         self._hit = key is not None and arr.dtype == np.float32 and arr.tobytes() == key
@@ -201,14 +256,17 @@ class Agent:
         done: bool | np.ndarray = False,
     ) -> None:
         """Absorb one transition per agent; ``action`` is the *normalized* action from
-        :meth:`act`. ``done`` only marks the episode end: the belief persists across episodes
-        of a task (call :meth:`reset` for a new task). Non-finite transitions are skipped."""
+        :meth:`act`. ``done`` marks the last transition of an episode: the state persists
+        across the episodes of a task (call :meth:`reset` for a new task). Non-finite and
+        out-of-bounds transitions are skipped."""
         self._v_obs[...] = self._rows(obs, self._obs_dim, "obs")
         self._v_act[...] = self._rows(action, self._act_dim, "action")
         self._v_rew[...] = self._reward(reward)
         nxt = self._rows(next_obs, self._obs_dim, "next_obs")
         self._v_next[...] = nxt
         self._obs_in[...] = nxt
+        if self._done_in is not None:
+            self._done_in[:, 0] = done
         self._t += 1
         self._cache_key = None
         if not self.config.adaptive:
@@ -218,10 +276,12 @@ class Agent:
         else:
             self.session.run()
         updated = self._updated
-        if updated[0] if self.batch == 1 else updated.all():
-            self._accept_all()
-        else:
-            self._accept_some(updated.copy())
+        if self.batch == 1:
+            ok = updated[0] and self._in_bounds_1() and self._out_surprise[0] <= self._outlier
+            if ok and not self._outliers[0]:
+                self._accept_all()
+                return
+        self._accept_some(self._usable(updated.copy()))
 
     # -- device conveniences -----------------------------------------------------------------
     def act_scaled(self, obs: np.ndarray) -> np.ndarray:
@@ -237,6 +297,7 @@ class Agent:
         """One control step for a device loop: absorb (previous obs, previous action, ``reward``,
         ``obs``) when there is a previous step, then return the *physical* action for ``obs``.
         Pass ``done=True`` with the final observation of an episode."""
+        obs = self._rows(obs, self._obs_dim, "obs")  # errors name the caller's argument
         if self._prev_obs is not None and reward is not None:
             self.observe(self._prev_obs, self._last_norm, reward, obs, done)
         action = self.act_scaled(obs)
@@ -250,16 +311,28 @@ class Agent:
 
     # -- state -------------------------------------------------------------------------------
     @property
-    def belief(self) -> BeliefState:
-        """Posterior mean, (marginal) variance, entropy (nats) and counts of each agent."""
-        cls = FullBelief if self._full else Belief
-        b = cls(self._bel_a.copy(), self._bel_b.copy(), self._count.copy())
-        ent = entropy(b)
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of every agent's adaptation state, by declared name (batch axis first)."""
+        return {slot.name: slot.step_in.copy() for slot in self._slots}
+
+    @property
+    def summary(self) -> AdaptationSummary:
+        """What each agent has adapted to: the family's summary vector, spread, entropy and
+        the transition counts."""
+        s = self.adaptation.summarize(self.state)
         if self.batch == 1:
-            return BeliefState(
-                b.mean[0], b.var[0], float(ent[0]), int(self._count[0]), int(self._skipped[0])
-            )
-        return BeliefState(b.mean, b.var, ent, self._count.copy(), self._skipped.copy())
+            return AdaptationSummary(
+                self.algorithm, s.mean[0], s.spread[0], float(s.entropy[0]),
+                int(self._count[0]), int(self._skipped[0]),
+            )  # fmt: skip
+        return AdaptationSummary(
+            self.algorithm, s.mean, s.spread, s.entropy, self._count.copy(), self._skipped.copy()
+        )
+
+    @property
+    def belief(self) -> AdaptationSummary:
+        """Alias of :attr:`summary` (PEARL: posterior mean, marginal variance, entropy)."""
+        return self.summary
 
     @property
     def ood_score(self) -> float:
@@ -282,14 +355,44 @@ class Agent:
         self.events.clear()
         return out
 
+    def reset_state(self, rows: np.ndarray | None = None) -> None:
+        """Adaptation state of ``rows`` (all by default) back to its initial value, keeping
+        the batch, events and counters of skipped input (the ``reset-state`` command)."""
+        rows = np.ones(self.batch, dtype=bool) if rows is None else rows
+        for slot in self._slots:
+            slot.step_in[rows] = slot.init
+        self._count[rows] = 0
+        self._outliers[rows] = 0
+        self.monitor.reset(rows)
+        self._ood_raised = bool(self.monitor.level.any())
+        self._cache_key = None  # cached actions were for the old state
+
     def self_test(self, steps: int = 200) -> SelfTestReport:
         """Run the bundle's test vectors through this agent's graph and time ``steps`` steps
-        (on a separate single agent, so this agent's belief is untouched)."""
+        (on a separate single agent, so this agent's state is untouched)."""
         from runtime.selftest import run_self_test
 
         return run_self_test(self, steps)
 
     # -- internals ---------------------------------------------------------------------------
+    def _param_values(self) -> dict[str, float]:
+        declared = {p.name: p for p in self.adaptation.params}
+        given = dict(self.config.params)
+        if self.config.forget is not None:
+            given["forget"] = self.config.forget
+        values = {name: p.default for name, p in declared.items()}
+        for name, value in given.items():
+            spec = declared.get(name)
+            if spec is None:
+                raise InputError(
+                    f"{self.algorithm} bundles have no param {name!r}; they declare: "
+                    f"{', '.join(declared) or 'none'}"
+                )
+            if not spec.low <= float(value) <= spec.high:
+                raise InputError(f"{name} must be in [{spec.low}, {spec.high}], got {value}")
+            values[name] = float(value)
+        return values
+
     def _session(self, graph: str, providers: list[str] | None) -> GraphSession:
         spec = self.manifest.graph(graph)
         return GraphSession(
@@ -302,21 +405,29 @@ class Agent:
         )
 
     def _bind_buffers(self) -> None:
+        """Pair the declared state with the graphs' buffers, by name."""
         ins, outs = self.session.inputs, self.session.outputs
         self._tr, self._obs_in = ins["transition"], ins["obs"]
+        self._done_in = ins.get("done")
         o, a = self._obs_dim, self._act_dim
         # Views into the transition buffer: (obs, action, reward, next_obs) columns.
         self._v_obs, self._v_act = self._tr[:, :o], self._tr[:, o : o + a]
         self._v_rew, self._v_next = self._tr[:, o + a], self._tr[:, o + a + 1 :]
-        (a, b), (a_out, b_out) = belief_io(self._full)
-        self._bel_a, self._bel_b, self._forget = ins[a], ins[b], ins["forget"]
+        act_ins = self.act_session.inputs
+        self._slots = [
+            _StateSlot(
+                s.name,
+                ins[s.name],
+                outs[s.name + STATE_OUT_SUFFIX],
+                act_ins.get(s.name),
+                s.initial(),
+            )
+            for s in self.adaptation.state
+        ]
         self._out_norm, self._updated = outs["action_norm"], outs["updated"]
-        self._out_act = outs["action"]
-        self._out_a, self._out_b = outs[a_out], outs[b_out]
-        self._out_surprise = outs["surprise"]
-        pins = self.policy_session.inputs
-        self._p_obs, self._p_z = pins["obs"], pins["z"]
-        self._p_norm = self.policy_session.outputs["action_norm"]
+        self._out_act, self._out_surprise = outs["action"], outs["surprise"]
+        self._p_obs = act_ins["obs"]
+        self._p_norm = self.act_session.outputs["action_norm"]
 
     def _run_sanitized(self) -> None:
         finite = np.isfinite(self._tr).all(axis=1)
@@ -329,12 +440,34 @@ class Agent:
         self._updated &= finite
         self._tr[~finite] = np.nan  # so the event says "nonfinite_input"
 
+    def _in_bounds_1(self) -> bool:
+        """Single agent fast path: both observations of the transition within the limits."""
+        o, a = self._obs_dim, self._act_dim
+        row = self._tr[0]
+        lo, hi = self._obs_lo, self._obs_hi
+        return bool(
+            (row[:o] >= lo).all() and (row[:o] <= hi).all()
+            and (row[o + a + 1 :] >= lo).all() and (row[o + a + 1 :] <= hi).all()
+        )  # fmt: skip
+
+    def _in_bounds(self, obs_BO: np.ndarray) -> np.ndarray:
+        return ((obs_BO >= self._obs_lo) & (obs_BO <= self._obs_hi)).all(axis=1)
+
+    def _usable(self, updated: np.ndarray) -> np.ndarray:
+        """Rows to absorb: finite, in bounds, and not a lone outlier (see ``outlier_factor``)."""
+        inside = self._in_bounds(self._v_obs) & self._in_bounds(self._v_next)
+        self._oob = updated & ~inside
+        outlier = updated & inside & (self._out_surprise > self._outlier)
+        self._outliers = np.where(outlier, self._outliers + 1, 0)
+        self._lone = outlier & (self._outliers < self.config.outlier_patience)
+        return updated & inside & ~self._lone
+
     def _accept_all(self) -> None:
-        """Every row's update is finite: it becomes the belief; the outputs' actions are valid
+        """Every row's update is finite: it becomes the state; the outputs' actions are valid
         for the observation just absorbed. Written with indexing rather than ufunc calls: at
         batch 1 a numpy ufunc call costs ~1-2 µs, an indexed copy ~0.2 µs."""
-        self._bel_a[...] = self._out_a
-        self._bel_b[...] = self._out_b
+        for slot in self._slots:
+            slot.step_in[...] = slot.step_out
         self._surprise[...] = self._out_surprise
         self._cache_key = self._obs_in.tobytes()
         if self.batch == 1:
@@ -348,22 +481,31 @@ class Agent:
         if alert:
             self._check_ood(np.ones(self.batch, dtype=bool))
 
-    def _accept_some(self, updated: np.ndarray) -> None:
-        """Rows whose transition or update is not finite keep their old belief (and count)."""
-        rows = updated
-        self._bel_a[rows] = self._out_a[rows]
-        self._bel_b[rows] = self._out_b[rows]
+    def _accept_some(self, rows: np.ndarray) -> None:
+        """Rows whose transition or update is refused keep their old state (and count)."""
+        if rows.all():
+            self._accept_all()
+            return
+        for slot in self._slots:
+            slot.step_in[rows] = slot.step_out[rows]
         self._surprise[rows] = self._out_surprise[rows]
         self._count += rows
         self._skipped += ~rows
         finite_input = np.isfinite(self._tr).all(axis=1)
-        log.warning(
-            "step %d: %d transition(s) skipped (non-finite input or update)", self._t, (~rows).sum()
-        )
+        log.warning("step %d: %d transition(s) skipped", self._t, (~rows).sum())
         for i in np.flatnonzero(~rows):
-            kind = "nonfinite_belief" if finite_input[i] else "nonfinite_input"
-            self._emit(Event(kind, int(i), self._t, detail="transition skipped"))
+            self._emit(self._skip_event(int(i), bool(finite_input[i])))
         self._check_ood(rows)
+
+    def _skip_event(self, i: int, finite_input: bool) -> Event:
+        if not finite_input:
+            return Event("nonfinite_input", i, self._t, detail="transition skipped")
+        if self._oob[i]:
+            return Event("out_of_bounds_input", i, self._t, detail="observation beyond bounds")
+        if self._lone[i]:
+            value = float(self._out_surprise[i])
+            return Event("outlier_rejected", i, self._t, value, "surprise beyond outlier level")
+        return Event("nonfinite_belief", i, self._t, detail="transition skipped")
 
     def _check_ood(self, updated: np.ndarray) -> None:
         events, fired = self.monitor.update(self._out_surprise, updated, self._t)
@@ -371,32 +513,27 @@ class Agent:
             self._emit(ev)
         self._ood_raised = bool(self.monitor.level.any())
         if self.config.changepoint == "reset" and fired.any():
-            self._bel_a[fired] = self._prior_a
-            self._bel_b[fired] = 0.0
-            self._count[fired] = 0
-            self.monitor.reset(fired)
-            self._ood_raised = bool(self.monitor.level.any())
-            self._cache_key = None  # the cached actions were for the pre-reset belief
+            self.reset_state(fired)
             for i in np.flatnonzero(fired):
                 self._emit(Event("changepoint_reset", int(i), self._t, float(self._surprise[i])))
 
     def _act_fresh(self, arr: np.ndarray) -> np.ndarray:
-        """Actions for ``arr`` from the policy graph at the current posterior mean.
+        """Actions for ``arr`` from the act graph under the current state.
 
-        Non-finite rows are replaced by the last finite observation (zeros before any), so with
-        the "policy" fallback their output already is the policy at the last good observation.
+        Non-finite or out-of-bounds rows are replaced by the last good observation (zeros
+        before any), so with the "policy" fallback their output already is the policy at the
+        last good observation.
         """
         obs = arr.reshape(self.batch, self._obs_dim)
-        good = np.isfinite(obs).all(axis=1)
+        good = self._in_bounds(obs)  # NaN compares False: non-finite rows are not good
         if good.all():
             self._p_obs[:] = obs
         else:
             self._p_obs[:] = np.where(good[:, None], obs, self._prev_good())
-        if self._full:
-            self._p_z[...] = self._bel_b  # the mean
-        else:
-            np.divide(self._bel_b, self._bel_a, out=self._p_z)  # eta / precision
-        self.policy_session.run()
+        for slot in self._slots:
+            if slot.act_in is not None:
+                slot.act_in[...] = slot.step_in
+        self.act_session.run()
         norm = self._p_norm.copy()
         usable = good  # rows whose output is the policy at a real observation
         if self.config.fallback == "policy":
@@ -436,7 +573,8 @@ class Agent:
                 log.exception("on_event callback failed")
 
     def _rows(self, x: np.ndarray, width: int, what: str) -> np.ndarray:
-        """Validate shape/dtype of an obs or action: ``(width,)`` for one agent, else (B, width)."""
+        """Validate shape/dtype of an obs or action: ``(width,)`` for one agent, else (B, width).
+        ``what`` is the caller's argument name, used in the error."""
         arr = x if type(x) is np.ndarray else np.asarray(x)
         shape = arr.shape
         if arr.dtype.kind == "f" and (
@@ -469,7 +607,7 @@ class Agent:
     def _warm_up(self) -> None:
         for _ in range(self.config.warmup):
             self.session.run()
-            self.policy_session.run()
+            self.act_session.run()
         self.reset()
 
 
@@ -507,6 +645,16 @@ def evaluate_bundle(
         adaptive, fixed, env, task_set, episodes, seed, str(split), oracle_return,
         source=str(bundle_dir),
     )  # fmt: skip
+
+
+def _obs_limits(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted observation range: the declared bounds widened by ``obs_margin`` x their
+    width on each side (infinite bounds stay infinite)."""
+    low = np.asarray(manifest.obs.low, dtype=np.float64)
+    high = np.asarray(manifest.obs.high, dtype=np.float64)
+    width = np.where(np.isfinite(high - low), high - low, 0.0)
+    pad = manifest.obs_margin * width
+    return (low - pad).astype(np.float32), (high + pad).astype(np.float32)
 
 
 def _zero_action(low: np.ndarray, half: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.agent import Agent, AgentConfig
 from runtime.bundle import load_verified
+from runtime.errors import BundleError
 from runtime.evaluation import held_out_tasks
 from runtime.providers import CPU, SessionTuning
 from runtime.tasks import make_family
@@ -226,6 +227,12 @@ def belief_scaling(
 
     bundle_dir = Path(bundle_dir)
     manifest = load_verified(bundle_dir)
+    pearl = manifest.adaptation
+    if pearl.algorithm != "pearl":
+        raise BundleError(
+            f"{bundle_dir}: bench belief compares PEARL's running belief with a recompute; "
+            f"this bundle is {pearl.algorithm}"
+        )
     traj = trajectory(manifest.env, 5000)
     context = np.concatenate([traj["obs"], traj["act"], traj["rew"], traj["next"]], axis=1)
     context = np.resize(context, (max(lengths) + 1, context.shape[1])).astype(np.float32)
@@ -239,13 +246,13 @@ def belief_scaling(
         for _ in range(max(3, min(reps, 200_000 // t))):
             t0 = time.perf_counter_ns()
             f = enc.run_feeds({"transition": context[: t + 1]})
-            if manifest.full_belief:
-                full_product_of_gaussians(f["mu"], f.get("var"), f.get("u"), manifest.prior_var)
+            if pearl.full_belief:
+                full_product_of_gaussians(f["mu"], f.get("var"), f.get("u"), pearl.prior_var)
             else:
-                product_of_gaussians(f["mu"], f["var"], manifest.prior_var)
+                product_of_gaussians(f["mu"], f["var"], pearl.prior_var)
             naive.append((time.perf_counter_ns() - t0) / 1e3)
         rows.append({"context": t, "o1_step_us": o1, "naive_step_us": _median(naive)})
-    state_bytes = sum(a.nbytes for a in (agent._bel_a, agent._bel_b, agent._count))
+    state_bytes = sum(a.nbytes for a in agent.state.values()) + agent._count.nbytes
     return {"bundle": str(bundle_dir), "rows": rows, "belief_state_bytes": state_bytes}
 
 

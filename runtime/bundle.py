@@ -12,7 +12,8 @@ A bundle is a directory::
 
 The signature covers the manifest, and the manifest covers every file through its sha256, so one
 signature check plus the hash checks authenticate the whole bundle (the Mender/RAUC scheme).
-Only numpy-free stdlib, pydantic and ``cryptography`` are used here: this module runs on the
+Only the stdlib, pydantic, numpy (through the adaptation declarations) and ``cryptography``
+are used here: this module runs on the
 device.
 """
 
@@ -37,6 +38,7 @@ from pydantic import (
 )
 
 from runtime import RUNTIME_VERSION
+from runtime.adaptation import Adaptation, check_graph_signatures
 from runtime.errors import BundleError
 
 if TYPE_CHECKING:
@@ -44,9 +46,15 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Schema versions this runtime can read.
-SUPPORTED_SCHEMAS = (1,)
+SUPPORTED_SCHEMAS = (2,)
+#: Why older schemas are refused (schema 1: PEARL-only manifests, before the adaptation
+#: contract; their policy graph takes z, not the belief).
+RETIRED_SCHEMAS = {
+    1: "schema 1 predates the adaptation contract (edgeadapt 0.1); re-export the run with "
+    "`edgeadapt export RUN --out DIR` to get a schema 2 bundle"
+}
 
 SignatureStatus = Literal["ok", "missing", "invalid"]
 
@@ -120,14 +128,19 @@ class OODSpec(_Strict):
 
 
 class Manifest(_Strict):
-    """``manifest.json``: the validated description of a bundle (schema version 1)."""
+    """``manifest.json``: the validated description of a bundle (schema version 2)."""
 
     schema_version: int
     bundle_id: str
     version: str
     created: str = Field(description="ISO 8601 UTC time of export")
-    algorithm: Literal["pearl"]
+    adaptation: Adaptation = Field(
+        description="the family's adaptation state and graphs (see runtime.adaptation)"
+    )
     env: str = Field(description="task family name")
+    plugins: list[str] = Field(
+        default_factory=list, description="modules that register the task family, if not built in"
+    )
     profile: str | None = None
     min_runtime_version: str
     opset: int = Field(ge=17)
@@ -135,14 +148,12 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(description="relative path -> sha256 hex of every other file")
     obs: BoxSpec
     act: BoxSpec
-    latent_dim: int = Field(ge=1)
-    factor_rank: int = Field(
-        0, ge=0, description="rank-one precision directions per factor; > 0: full belief"
+    obs_margin: float = Field(
+        1.0,
+        ge=0,
+        description="observations beyond [low - m (high - low), high + m (high - low)] are "
+        "refused like non-finite ones (m = obs_margin)",
     )
-    factor_diagonal: bool = Field(True, description="whether factors have a diagonal part")
-    prior_var: float = Field(gt=0)
-    forget: float = Field(gt=0, le=1, description="default forgetting factor")
-    min_var: float = Field(gt=0)
     horizon: int | None = None
     test_vectors: str
     test_tolerance: dict[str, float] = Field(
@@ -157,9 +168,9 @@ class Manifest(_Strict):
     provenance: dict[str, object] = Field(default_factory=dict)
 
     @property
-    def full_belief(self) -> bool:
-        """The belief is a full Gaussian (cov, mean): factors have rank-one directions."""
-        return self.factor_rank > 0
+    def algorithm(self) -> str:
+        """The meta-RL family of the bundle ("pearl", "rl2", ...)."""
+        return self.adaptation.algorithm
 
     @field_validator("min_runtime_version", "version")
     @classmethod
@@ -180,17 +191,15 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _step_graphs_carry_the_belief(self) -> Manifest:
-        """Step graphs' belief inputs must match ``factor_rank``: (precision, eta) for a
-        diagonal belief, (cov, mean) for a full one."""
-        want = ("cov", "mean") if self.full_belief else ("precision", "eta")
-        for name, spec in self.graphs.items():
-            have = [t.name for t in spec.inputs]
-            if name.startswith("step") and not set(want) <= set(have):
-                raise ValueError(
-                    f"graph {name!r} has inputs {have}; factor_rank {self.factor_rank} needs "
-                    f"{' and '.join(want)}"
-                )
+    def _graphs_follow_the_declaration(self) -> Manifest:
+        """Step and act graphs must carry exactly the declared state (paired by name)."""
+        io = {
+            name: ([t.name for t in g.inputs], [t.name for t in g.outputs])
+            for name, g in self.graphs.items()
+        }
+        problems = check_graph_signatures(self.adaptation, io)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def graph(self, name: str) -> GraphSpec:
@@ -230,6 +239,8 @@ def parse_manifest(raw: bytes, source: str = MANIFEST_FILE) -> Manifest:
     if not isinstance(data, dict):
         raise BundleError(f"{source}: expected a JSON object")
     schema = data.get("schema_version")
+    if schema in RETIRED_SCHEMAS:
+        raise BundleError(f"{source}: manifest {RETIRED_SCHEMAS[schema]}")
     if schema not in SUPPORTED_SCHEMAS:
         raise BundleError(
             f"{source}: unknown manifest schema_version {schema!r} "

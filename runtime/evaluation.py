@@ -18,10 +18,19 @@ from runtime.tasks import Split, TaskFamily, make_family
 
 
 class AdaptivePolicy(Protocol):
-    """A batch of B agents acting on B tasks, with normalized actions in [-1, 1]."""
+    """A batch of B agents acting on B tasks, with normalized actions in [-1, 1].
+
+    The one meta-RL interface of every family (PEARL, RL², MAML, oracles, bundles): a task
+    begins, episodes begin, the policy acts and observes every transition; how it adapts
+    (belief, hidden state, gradient step) is its own business.
+    """
 
     def begin_task(self, tasks_BK: np.ndarray) -> None:
-        """Forget everything: the belief returns to the prior (oracles may read ``tasks_BK``)."""
+        """Forget everything: the adaptation state returns to its initial value (oracles may
+        read ``tasks_BK``)."""
+
+    def begin_episode(self) -> None:
+        """A new episode of the same task starts (the adaptation state carries over)."""
 
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
         """Deterministic normalized action ``(B, A)`` for the current belief."""
@@ -32,8 +41,9 @@ class AdaptivePolicy(Protocol):
         action_BA: np.ndarray,
         reward_B: np.ndarray,
         next_obs_BO: np.ndarray,
+        done_B: np.ndarray | bool = False,
     ) -> None:
-        """Absorb one transition per agent into the belief."""
+        """Absorb one transition per agent; ``done_B`` marks the last one of an episode."""
 
 
 class RandomPolicy:
@@ -46,10 +56,13 @@ class RandomPolicy:
     def begin_task(self, tasks_BK: np.ndarray) -> None:
         self.batch = len(tasks_BK)
 
+    def begin_episode(self) -> None:
+        return None
+
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
         return self.rng.uniform(-1.0, 1.0, size=(len(obs_BO), self.act_dim)).astype(np.float32)
 
-    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO) -> None:
+    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO, done_B=False) -> None:
         return None
 
 
@@ -83,7 +96,8 @@ def rollout(
     seed: int,
     scale_action: bool = True,
 ) -> RolloutResult:
-    """Run ``episodes`` consecutive episodes per task; the belief persists across them."""
+    """Run ``episodes`` consecutive episodes per task; the adaptation state persists across
+    them (``begin_episode`` before each, ``done`` on each episode's last transition)."""
     env = make_family(env_name, len(tasks_BK))
     spec = env.spec
     rng = np.random.default_rng(seed)
@@ -92,11 +106,13 @@ def rollout(
     returns = np.zeros((len(tasks_BK), episodes))
     for ep in range(episodes):
         obs = env.reset(tasks_BK, rng)
-        for _ in range(spec.horizon):
+        policy.begin_episode()
+        for t in range(spec.horizon):
             action = policy.act(obs)
             physical = spec.act_low + half * (action + 1.0) if scale_action else action
             res = env.step(physical)
-            policy.observe(obs, action, res.reward, res.obs)
+            done = np.full(len(tasks_BK), t == spec.horizon - 1)
+            policy.observe(obs, action, res.reward, res.obs, done)
             returns[:, ep] += res.reward
             obs = res.obs
     return RolloutResult(returns)

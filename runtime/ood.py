@@ -23,11 +23,13 @@ import numpy as np
 EventKind = Literal[
     "nonfinite_input",  # NaN/inf in obs, action or reward: transition skipped
     "nonfinite_belief",  # the update would have produced NaN/inf: transition skipped
+    "out_of_bounds_input",  # an observation beyond the manifest's bounds + margin: skipped
+    "outlier_rejected",  # surprise far beyond the calibrated alarm: transition not absorbed
     "fallback_action",  # the safe fallback action was returned
     "ood_warn",
     "ood_alarm",
     "ood_clear",
-    "changepoint_reset",  # belief reset to the prior after a sustained alarm
+    "changepoint_reset",  # adaptation state reset to its initial value after a sustained alarm
 ]
 
 

@@ -111,7 +111,7 @@ def test_missing_file_is_refused_naming_the_file(damaged):
 
 
 def test_edited_manifest_breaks_the_signature(damaged, pubkey):
-    _rewrite_manifest(damaged, forget=0.5)
+    _rewrite_manifest(damaged, obs_margin=0.5)
     assert verify_bundle(damaged, pubkey).signature == "invalid"
     assert verify_bundle(damaged).ok  # hashes still fine: only the signature can catch it
 

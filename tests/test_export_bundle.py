@@ -71,14 +71,9 @@ def test_every_graph_runs_at_any_batch_size(bundle, run_dir, batch):
     run = load_run(run_dir)
     rng = np.random.default_rng(batch)
     dims_inputs = random_step_inputs(_dims(manifest), run.family.spec, batch, rng)
-    feeds = {
-        "step": dims_inputs,
-        "step_int8": dims_inputs,
-        "encoder": {"transition": dims_inputs["transition"]},
-        "policy": {"obs": dims_inputs["obs"], "z": dims_inputs["eta"] / dims_inputs["precision"]},
-    }
-    for name, spec in manifest.graphs.items():
-        out = GraphSession(bundle / spec.file, spec, providers=[CPU]).run_feeds(feeds[name])
+    for spec in manifest.graphs.values():
+        feeds = {t.name: dims_inputs[t.name] for t in spec.inputs}  # paired by name
+        out = GraphSession(bundle / spec.file, spec, providers=[CPU]).run_feeds(feeds)
         for t in spec.outputs:
             assert out[t.name].shape[0] == batch
 
@@ -129,7 +124,7 @@ def test_parity_torch_vs_onnxruntime_at_default_sizes(tmp_path_factory):
     assert res.ok, res.reasons
     assert res.parity["random_rows"] >= 10_000 and res.parity["recorded_rows"] > 1000
     assert res.parity_max_abs_err <= PARITY_TARGET
-    assert {"step.action", "encoder.mu", "policy.action"} <= set(res.parity["errors"])
+    assert {"step.action", "encoder.mu", "act.action"} <= set(res.parity["errors"])
 
 
 def test_parity_check_catches_a_different_checkpoint(bundle, tmp_path):
@@ -151,7 +146,7 @@ def test_int8_variant_reports_parity_and_return_change(bundle):
 def test_manifest_records_provenance_and_calibrated_ood(bundle, run_dir):
     manifest = read_manifest(bundle)
     prov = manifest.provenance
-    assert prov["config"]["model"]["latent_dim"] == manifest.latent_dim
+    assert prov["config"]["model"]["latent_dim"] == manifest.adaptation.latent_dim
     assert len(prov["config_sha256"]) == 64 and prov["code_version"]
     assert prov["flops_per_step"]["step"] > 0
     assert 0 < manifest.ood.warn < manifest.ood.alarm
@@ -197,10 +192,10 @@ def test_cli_keygen_export_verify_round_trip(tmp_path, run_dir):
     assert report["signature"] == "ok" and report["hashes"] == "ok"
     assert report["parity_max_abs_err"] <= PARITY_TARGET
     # a damaged copy fails with a non-zero exit and says why
-    (out / "policy.onnx").write_bytes(b"garbage")
+    (out / "act.onnx").write_bytes(b"garbage")
     res = _cli("verify", str(out), "--pubkey", f"{key}.pub", "--json")
     assert res.returncode == 1
-    assert json.loads(res.stdout)["hashes"] == "hash mismatch for policy.onnx"
+    assert json.loads(res.stdout)["hashes"] == "hash mismatch for act.onnx"
 
 
 def test_cli_verify_without_signature_but_with_key_fails(tmp_path_factory, tmp_path):
@@ -231,7 +226,7 @@ def test_step_graph_module_is_stateless(run_dir):
 def _dims(manifest):
     from export.graphs import Dims
 
-    return Dims(manifest.obs.dim, manifest.act.dim, manifest.latent_dim)
+    return Dims(manifest.obs.dim, manifest.act.dim, manifest.adaptation.latent_dim)
 
 
 def _dims_of(run):

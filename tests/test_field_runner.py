@@ -91,7 +91,7 @@ def test_reset_belief_command_returns_the_belief_to_the_prior(device_root: Path)
     runner._on_command(_command("reset-belief"))
     runner._apply_commands()
     assert runner.agent.belief.count == 0
-    assert any(e["type"] == "belief_reset" for e in runner.trace.events)
+    assert any(e["type"] == "state_reset" for e in runner.trace.events)
 
 
 def test_telemetry_reaches_the_collector_without_loss(device_root: Path, collector) -> None:

@@ -95,7 +95,7 @@ def test_rollback_refuses_a_good_slot_that_no_longer_verifies(
     tmp_path: Path, flashed_twice: Path
 ) -> None:
     root = copy_tree(flashed_twice, tmp_path / "dev")
-    (slot_dir(root, "A") / "policy.onnx").write_bytes(b"rotten")
+    (slot_dir(root, "A") / "act.onnx").write_bytes(b"rotten")
     with pytest.raises(DeviceError, match="slot A no longer verifies: hash mismatch"):
         rollback(root)
     assert read_active(root) == "B"

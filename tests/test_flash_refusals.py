@@ -86,14 +86,14 @@ TAMPERINGS: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda b: (b / "encoder.onnx").write_bytes((b / "encoder.onnx").read_bytes()[:100]),
         r"hash mismatch for encoder\.onnx",
     ),
-    "missing graph": (lambda b: (b / "policy.onnx").unlink(), r"missing file policy\.onnx"),
+    "missing graph": (lambda b: (b / "act.onnx").unlink(), r"missing file act\.onnx"),
     "truncated manifest": (
         lambda b: (b / "manifest.json").write_bytes((b / "manifest.json").read_bytes()[:50]),
         r"not valid JSON",
     ),
     "unsigned": (lambda b: (b / "manifest.sig").unlink(), r"signature missing"),
     "edited manifest": (
-        lambda b: edit_manifest(b, None, forget=0.5),
+        lambda b: edit_manifest(b, None, obs_margin=0.5),
         r"signature invalid",
     ),
 }
@@ -162,7 +162,8 @@ def test_bundle_for_another_profile_is_refused(tmp_path: Path, bundles: DeviceBu
     [
         ({"opset": 99}, "compat", r"opset 99, x86-cpu runs opset <= 21"),
         ({"min_runtime_version": "99.0.0"}, "compat", r"needs runtime >= 99\.0\.0"),
-        ({"schema_version": 2}, "verify", r"unknown manifest schema_version 2"),
+        ({"schema_version": 3}, "verify", r"unknown manifest schema_version 3"),
+        ({"schema_version": 1}, "verify", r"schema 1 predates the adaptation contract"),
     ],
 )
 def test_incompatible_signed_bundles_are_refused(

@@ -144,10 +144,10 @@ def test_archive_of_a_tampered_bundle_is_refused_at_verify(
     tmp_path: Path, device: Path, bundles: DeviceBundles
 ) -> None:
     bad = copy_tree(bundles.new, tmp_path / "bad")
-    (bad / "policy.onnx").write_bytes(b"swapped weights")
+    (bad / "act.onnx").write_bytes(b"swapped weights")
     digest = pack_bundle(bad, tmp_path / "bad.tar.gz")  # the digest matches the archive
     result = remote_update(device, (tmp_path / "bad.tar.gz").as_uri(), digest)
-    assert_failed_untouched(result, device, "verify", "hash mismatch for policy.onnx")
+    assert_failed_untouched(result, device, "verify", "hash mismatch for act.onnx")
 
 
 def test_directory_source_is_pinned_by_its_manifest_digest(

@@ -153,7 +153,7 @@ def test_fused_full_step_equals_the_numpy_belief_and_the_actor(full_run):
 
 def test_full_bundle_verifies_with_parity_and_declares_its_belief(full_bundle, full_run):
     manifest = read_manifest(full_bundle)
-    assert manifest.full_belief and manifest.factor_rank == 1
+    assert manifest.adaptation.full_belief and manifest.adaptation.factor_rank == 1
     step = manifest.graph("step")
     assert [t.name for t in step.inputs] == ["transition", "cov", "mean", "forget", "obs"]
     assert step.input("cov").shape == ["batch", 5, 5]
@@ -169,7 +169,7 @@ def test_full_bundle_agent_adapts_skips_nan_and_resets(full_bundle):
     obs = np.zeros(m.obs.dim, dtype=np.float32)
     b0 = agent.belief
     np.testing.assert_array_equal(b0.mean, 0.0)
-    np.testing.assert_allclose(b0.var, m.prior_var)
+    np.testing.assert_allclose(b0.var, m.adaptation.prior_var)
     rng = np.random.default_rng(0)
     for _ in range(20):
         a = agent.act(obs)
@@ -178,7 +178,7 @@ def test_full_bundle_agent_adapts_skips_nan_and_resets(full_bundle):
         obs = nxt
         assert np.isfinite(a).all() and np.all(np.abs(a) <= 1.0)
     b = agent.belief
-    assert b.count == 20 and np.all(b.var < m.prior_var) and np.isfinite(b.entropy)
+    assert b.count == 20 and np.all(b.var < m.adaptation.prior_var) and np.isfinite(b.entropy)
     bad = obs.copy()
     bad[0] = np.nan
     agent.observe(obs, agent.act(obs), 0.0, bad)
@@ -188,7 +188,7 @@ def test_full_bundle_agent_adapts_skips_nan_and_resets(full_bundle):
     assert np.isfinite(agent.act(bad)).all()
     agent.reset()
     np.testing.assert_array_equal(agent.belief.mean, 0.0)
-    np.testing.assert_allclose(agent.belief.var, m.prior_var)
+    np.testing.assert_allclose(agent.belief.var, m.adaptation.prior_var)
 
 
 def test_torch_rebuilt_from_a_full_bundle_matches_its_step_graph(full_bundle, full_run):
@@ -212,7 +212,7 @@ def test_bench_belief_on_a_full_bundle_keeps_constant_state(full_bundle):
     from runtime.bench import belief_scaling
 
     out = belief_scaling(full_bundle, lengths=(10, 100), reps=20)
-    z = read_manifest(full_bundle).latent_dim
+    z = read_manifest(full_bundle).adaptation.latent_dim
     assert [r["context"] for r in out["rows"]] == [10, 100]
     assert all(r["o1_step_us"] > 0 and r["naive_step_us"] > 0 for r in out["rows"])
     assert out["belief_state_bytes"] == 4 * (z * z + z) + 8
@@ -227,8 +227,8 @@ def test_a_manifest_whose_step_graph_does_not_match_factor_rank_is_refused(full_
     copy = tmp_path / "b"
     shutil.copytree(full_bundle, copy)
     data = json.loads((copy / "manifest.json").read_text())
-    data["factor_rank"] = 0  # says diagonal, but the step graph takes (cov, mean)
+    data["adaptation"]["factor_rank"] = 0  # says diagonal, but the state is (cov, mean)
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError) as err:
         read_manifest(copy)
-    assert "factor_rank 0 needs precision and eta" in str(err.value)
+    assert "factor_rank 0 needs state ['precision', 'eta']" in str(err.value)

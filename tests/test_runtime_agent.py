@@ -94,6 +94,9 @@ def test_actions_match_the_torch_policy_step_by_step(bundle, run_dir):
         def begin_task(self, t):
             self.inner.begin_task(t)
 
+        def begin_episode(self):
+            self.inner.begin_episode()
+
         def act(self, obs):
             a = self.inner.act(obs)
             recorded.append(a.copy())
@@ -118,7 +121,7 @@ def test_running_belief_equals_the_closed_form_product(bundle):
     enc = GraphSession(bundle / "encoder.onnx", manifest.graph("encoder"), providers=[CPU])
     x = np.concatenate([encode_transition(o[None], a[None], [r], n[None]) for o, a, r, n in trans])
     f = enc.run_feeds({"transition": x})
-    mean, var = product_of_gaussians(f["mu"], f["var"], manifest.prior_var)
+    mean, var = product_of_gaussians(f["mu"], f["var"], manifest.adaptation.prior_var)
     b = agent.belief
     assert b.count == 300 and b.skipped == 0
     np.testing.assert_allclose(b.mean, mean, rtol=1e-4, atol=1e-6)
@@ -135,10 +138,10 @@ def test_belief_is_invariant_to_transition_order(bundle):
 
 
 def test_belief_state_size_does_not_grow_with_context(bundle):
-    agent = make_agent(bundle)
-    before = [arr.nbytes for arr in (agent._bel_a, agent._bel_b, agent._count)]
+    agent = make_agent(bundle, outlier_factor=None)  # absorb all 2000 (untrained encoder)
+    before = [arr.nbytes for arr in (*agent.state.values(), agent._count)]
     feed(agent, transitions(2000))
-    assert [arr.nbytes for arr in (agent._bel_a, agent._bel_b, agent._count)] == before
+    assert [arr.nbytes for arr in (*agent.state.values(), agent._count)] == before
     assert agent.belief.count == 2000
 
 
@@ -150,7 +153,7 @@ def test_reset_returns_to_the_prior(bundle):
     manifest = read_manifest(bundle)
     assert b.count == 0
     np.testing.assert_array_equal(b.mean, 0.0)
-    np.testing.assert_allclose(b.var, manifest.prior_var)
+    np.testing.assert_allclose(b.var, manifest.adaptation.prior_var)
 
 
 # -- non-stationary tasks ------------------------------------------------------------------
@@ -385,3 +388,50 @@ def test_same_seed_same_numbers(bundle):
     feed(a, transitions(20))
     feed(b, transitions(20))
     np.testing.assert_array_equal(a.belief.mean, b.belief.mean)
+
+
+# -- absurd but finite input (issue 17 part 4) ---------------------------------------------
+@pytest.mark.parametrize("value", [1e3, 1e6, 1e30])
+def test_an_absurd_observation_is_skipped_and_does_not_poison_the_state(bundle, value):
+    clean, hit = make_agent(bundle), make_agent(bundle)
+    trans = transitions(30)
+    feed(clean, trans[:10])
+    feed(hit, trans[:10])
+    absurd = np.full(2, value, dtype=np.float32)
+    o, a, r, _ = trans[10]
+    hit.observe(o, a, r, absurd)  # lands on an absurd reading
+    hit.observe(absurd, a, r, trans[11][0])  # and leaves it
+    action = hit.act(absurd)
+    assert np.isfinite(action).all() and np.abs(action).max() <= 1.0
+    kinds = [e.kind for e in hit.drain_events()]
+    assert kinds.count("out_of_bounds_input") == 2 and "fallback_action" in kinds
+    assert hit.belief.skipped == 2 and hit.belief.count == 10
+    feed(clean, trans[12:])
+    feed(hit, trans[12:])
+    for name, arr in clean.state.items():  # the glitch left no trace in the state
+        np.testing.assert_array_equal(hit.state[name], arr)
+
+
+def test_a_lone_outlier_is_rejected_but_a_persistent_change_is_absorbed(bundle):
+    agent = make_agent(bundle)
+    trans = transitions(40)
+    feed(agent, trans[:30])
+    before = agent.state
+    o, a, _, n = trans[30]
+    agent.observe(o, a, 1e6, n)  # finite, in bounds, absurd reward: surprise far off
+    assert [e.kind for e in agent.drain_events()][-1] == "outlier_rejected"
+    for name, arr in before.items():
+        np.testing.assert_array_equal(agent.state[name], arr)
+    patience = agent.config.outlier_patience
+    for _ in range(patience - 1):  # it persists: from the patience-th one on, it is absorbed
+        agent.observe(o, a, 1e6, n)
+    assert agent.belief.count == 31 and agent.belief.skipped == patience - 1
+
+
+def test_input_errors_name_the_argument_the_caller_passed(bundle):
+    agent = make_agent(bundle)
+    agent.step(np.zeros(2, np.float32))
+    with pytest.raises(InputError, match=r"^obs: expected"):
+        agent.step(np.zeros(3, np.float32), -1.0)
+    with pytest.raises(InputError, match=r"^next_obs: expected"):
+        agent.observe(np.zeros(2, np.float32), np.zeros(2, np.float32), 0.0, np.zeros(5))

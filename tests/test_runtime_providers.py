@@ -95,7 +95,7 @@ def test_engine_cache_key_changes_with_what_makes_engines_incompatible(bundle):
         graph, "10.3.0", "Orin (nvgpu) 8.7", TrtBuildSettings(fp16=False)
     )
     assert base != engine_cache_key(
-        bundle / "policy.onnx", "10.3.0", "Orin (nvgpu) 8.7", TrtBuildSettings()
+        bundle / "act.onnx", "10.3.0", "Orin (nvgpu) 8.7", TrtBuildSettings()
     )
 
 
@@ -203,4 +203,4 @@ def test_bench_belief_json_compares_o1_and_naive(bundle):
     out = json.loads(res.stdout)
     assert [r["context"] for r in out["rows"]] == [10, 100, 1000]
     assert all(r["o1_step_us"] > 0 and r["naive_step_us"] > 0 for r in out["rows"])
-    assert out["belief_state_bytes"] == 2 * 4 * read_manifest(bundle).latent_dim + 8
+    assert out["belief_state_bytes"] == 2 * 4 * read_manifest(bundle).adaptation.latent_dim + 8

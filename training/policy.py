@@ -60,6 +60,11 @@ class PearlPolicy:
         self.tasks = tasks_BK
         self.resample()
 
+    def begin_episode(self) -> None:
+        """The belief carries over episodes; only a posterior sample is redrawn per episode
+        by the collection loop (:func:`training.collect.collect_episodes`)."""
+        return None
+
     def resample(self) -> None:
         """Draw the z used until the next call (posterior sampling) or take the mean."""
         mean = self.belief.mean
@@ -89,6 +94,7 @@ class PearlPolicy:
         action_BA: np.ndarray,
         reward_B: np.ndarray,
         next_obs_BO: np.ndarray,
+        done_B: np.ndarray | bool = False,
     ) -> None:
         if not self.adaptive or self.nets.encoder is None:
             return
@@ -115,5 +121,5 @@ class OraclePolicy(PearlPolicy):
     def resample(self) -> None:
         return None
 
-    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO) -> None:
+    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO, done_B=False) -> None:
         return None

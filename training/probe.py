@@ -53,12 +53,15 @@ class FixedLatentPolicy:
         if len(tasks_BK) != len(self.z):
             raise ValueError(f"{len(tasks_BK)} tasks for {len(self.z)} fixed latents")
 
+    def begin_episode(self) -> None:
+        return None
+
     @torch.no_grad()
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
         obs = torch.from_numpy(np.asarray(obs_BO, dtype=np.float32))
         return self.actor.deterministic(obs, self.z).numpy()
 
-    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO) -> None:
+    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO, done_B=False) -> None:
         return None
 
 

@@ -76,6 +76,10 @@ class BirthInfo:
     bundle_version: str = ""
     profile: str = ""
     runtime_version: str = RUNTIME_VERSION
+    #: The bundle's meta-RL family ("pearl", "rl2", ...): how to read the adaptation summary.
+    algorithm: str = ""
+    #: Names of the adaptation summary's entries (telemetry fields ``bm``/``bv``).
+    summary_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -369,6 +373,7 @@ class TelemetryClient:
             "t": now, "bundle_id": b.bundle_id, "bundle_version": b.bundle_version,
             "runtime_version": b.runtime_version, "profile": b.profile,
             "first_seq": self.first_seq, "proto": cfg.protocol,
+            "alg": b.algorithm, "summary": list(b.summary_names),
         }  # fmt: skip
         self._mqtt.publish(self._topics[Channel.BIRTH], birth_payload(info), qos=1, retain=True)
         online = state_payload("online", self.boot, self.boot_n, now, "connected")

@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-ACTIONS = ("reset-belief", "set-mode", "rebirth", "update-bundle")
+ACTIONS = ("reset-state", "reset-belief", "set-mode", "rebirth", "update-bundle")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:

@@ -41,7 +41,8 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 #: Known commands and the allowed values of each argument (a tuple of values or a pattern).
 COMMANDS: dict[str, dict[str, tuple[str, ...] | re.Pattern[str]]] = {
-    "reset-belief": {},
+    "reset-state": {},  # adaptation state back to its initial value (any family)
+    "reset-belief": {},  # the name reset-state had when PEARL was the only family
     "set-mode": {"mode": ("safe", "adaptive")},
     "rebirth": {},
     "update-bundle": {"source": SOURCE_PATTERN, "sha256": SHA256_PATTERN},

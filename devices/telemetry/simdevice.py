@@ -44,7 +44,7 @@ class SimDevice:
         with self.lock:
             if cmd.name == "set-mode":
                 self.mode = cmd.args["mode"]
-            elif cmd.name == "reset-belief":
+            elif cmd.name in ("reset-state", "reset-belief"):
                 self.resets += 1
             return {"mode": self.mode, "resets": self.resets}
 

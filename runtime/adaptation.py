@@ -1,0 +1,223 @@
+"""The adaptation contract: what a meta-RL family declares so the runtime can run it blindly.
+
+Every family (PEARL's Gaussian belief, RL²'s recurrent memory, ...) adapts by carrying named
+**state tensors** from one transition to the next. A bundle declares them in the manifest's
+``adaptation`` section (a discriminated union on ``algorithm``), and its graphs follow two
+signatures that the runtime pairs by name:
+
+- ``step``: ``(transition, obs, [done], *state, *params) -> (action, action_norm,
+  *<state>_out, surprise, updated, [extras])``. It absorbs the latest transition into the state
+  and returns the action for ``obs`` under the new state. ``updated`` is False for a row whose
+  transition or new state is not finite (the runtime keeps the old state); ``surprise`` is the
+  family's out-of-distribution score of the transition (about 1 in distribution).
+- ``act``: ``(obs, *state) -> (action, action_norm)``: the action under the current state,
+  absorbing nothing (the first step of a task or an episode, fallbacks). It may take only the
+  state tensors it needs (a full belief's act graph reads the mean, not the covariance).
+
+``transition`` is ``concat(obs, action_norm, reward, next_obs)`` (:mod:`runtime.transition`);
+``done`` (1.0 at the last transition of an episode) is fed when the step graph declares it;
+``params`` are per-agent knobs with a default and bounds (PEARL's forgetting factor).
+Nothing in the runtime's safety shell (:mod:`runtime.agent`) looks at ``algorithm``: a new
+family adds one class here and the runtime runs it.
+
+This module runs on the device: numpy and pydantic only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Step-graph inputs that are not state or params (the runtime fills them).
+STEP_DATA_INPUTS = ("transition", "obs", "done")
+#: Outputs every step graph has besides the ``<state>_out`` tensors.
+STEP_OUTPUTS = ("action", "action_norm", "surprise", "updated")
+ACT_OUTPUTS = ("action", "action_norm")
+STATE_OUT_SUFFIX = "_out"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StateSpec(_Strict):
+    """One state tensor of an agent (the batch axis is implied, not listed in ``shape``)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    shape: list[int] = Field(description="per-agent shape, e.g. [5] or [5, 5]")
+    init: float | list[float] = Field(
+        description="initial value: one fill value, or every entry of one agent's state (row-major)"
+    )
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> StateSpec:
+        if any(s < 1 for s in self.shape):
+            raise ValueError(f"state {self.name!r}: shape {self.shape} must be positive")
+        if isinstance(self.init, list) and len(self.init) != int(np.prod(self.shape)):
+            raise ValueError(
+                f"state {self.name!r}: init has {len(self.init)} values, shape {self.shape} "
+                f"needs {int(np.prod(self.shape))}"
+            )
+        return self
+
+    def initial(self) -> np.ndarray:
+        """One agent's initial state, float32, of shape ``shape``."""
+        if isinstance(self.init, list):
+            return np.asarray(self.init, dtype=np.float32).reshape(self.shape)
+        return np.full(self.shape, self.init, dtype=np.float32)
+
+
+class ParamSpec(_Strict):
+    """A per-agent scalar knob fed to the step graph as a ``[batch, 1]`` input."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    default: float
+    low: float
+    high: float
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_in_range(self) -> ParamSpec:
+        if not self.low <= self.default <= self.high:
+            raise ValueError(
+                f"param {self.name!r}: default {self.default} outside [{self.low}, {self.high}]"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What telemetry and plots show of an agent's adaptation state (batch axis first).
+
+    ``mean``: a small vector that tracks the task (PEARL: the belief mean; others: a declared
+    projection of the state); ``spread``: its uncertainty where the family has one (PEARL's
+    marginal variance; else an empty vector); ``entropy``: nats, NaN where not defined.
+    """
+
+    mean: np.ndarray  # (B, S)
+    spread: np.ndarray  # (B, S) or (B, 0)
+    entropy: np.ndarray  # (B,)
+
+
+class _Adaptation(_Strict):
+    """Fields every family declares."""
+
+    state: list[StateSpec] = Field(min_length=1)
+    params: list[ParamSpec] = Field(default_factory=list)
+    #: Names of the ``summary`` vector's entries (for plots and the dashboard).
+    summary_names: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> _Adaptation:
+        names = [s.name for s in self.state] + [p.name for p in self.params]
+        clash = set(names) & set(STEP_DATA_INPUTS)
+        if len(set(names)) != len(names) or clash:
+            raise ValueError(
+                f"state and param names must be unique and not {STEP_DATA_INPUTS}: {names}"
+            )
+        return self
+
+    def state_spec(self, name: str) -> StateSpec:
+        return next(s for s in self.state if s.name == name)
+
+    def summarize(self, state: dict[str, np.ndarray]) -> Summary:
+        """Default: the first (up to 8) entries of the first state tensor, no spread."""
+        first = state[self.state[0].name]
+        flat = first.reshape(len(first), -1)[:, :8].astype(np.float32)
+        b = len(flat)
+        return Summary(flat, np.zeros((b, 0), np.float32), np.full(b, np.nan, np.float32))
+
+
+class PearlAdaptation(_Adaptation):
+    """PEARL: a Gaussian belief over a task latent, from per-transition Gaussian factors.
+
+    Diagonal factors (``factor_rank`` 0): state (precision, eta), the natural parameters.
+    Factors with rank-one directions: state (cov, mean), a full Gaussian (Kalman updates).
+    """
+
+    algorithm: Literal["pearl"] = "pearl"
+    latent_dim: int = Field(ge=1)
+    factor_rank: int = Field(0, ge=0, description="rank-one directions per factor; > 0: full")
+    factor_diagonal: bool = Field(True, description="whether factors have a diagonal part")
+    prior_var: float = Field(gt=0)
+    min_var: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _state_matches_belief(self) -> PearlAdaptation:
+        want = ["cov", "mean"] if self.factor_rank > 0 else ["precision", "eta"]
+        have = [s.name for s in self.state]
+        if have != want:
+            raise ValueError(f"factor_rank {self.factor_rank} needs state {want}, got {have}")
+        return self
+
+    @property
+    def full_belief(self) -> bool:
+        return self.factor_rank > 0
+
+    def summarize(self, state: dict[str, np.ndarray]) -> Summary:
+        from runtime.posterior import Belief, FullBelief, entropy
+
+        if self.full_belief:
+            b = FullBelief(state["cov"], state["mean"], np.zeros(len(state["mean"]), np.int64))
+        else:
+            b = Belief(state["precision"], state["eta"], np.zeros(len(state["eta"]), np.int64))
+        return Summary(b.mean, b.var, entropy(b).astype(np.float32))
+
+
+class RL2Adaptation(_Adaptation):
+    """RL²: a recurrent hidden state that absorbs every transition (kept across the episodes
+    of a task, reset for a new task). Its summary is a fixed linear projection of the hidden
+    state fitted at export (principal components over in-distribution rollouts)."""
+
+    algorithm: Literal["rl2"] = "rl2"
+    hidden_size: int = Field(ge=1)
+    summary_center: list[float] = Field(default_factory=list)
+    summary_basis: list[list[float]] = Field(
+        default_factory=list, description="rows: directions in hidden space"
+    )
+
+    def summarize(self, state: dict[str, np.ndarray]) -> Summary:
+        if not self.summary_basis:
+            return super().summarize(state)
+        h = state[self.state[0].name].astype(np.float32)
+        basis = np.asarray(self.summary_basis, np.float32)
+        proj = (h - np.asarray(self.summary_center, np.float32)) @ basis.T
+        b = len(h)
+        return Summary(proj, np.zeros((b, 0), np.float32), np.full(b, np.nan, np.float32))
+
+
+Adaptation = Annotated[PearlAdaptation | RL2Adaptation, Field(discriminator="algorithm")]
+
+
+def check_graph_signatures(
+    adaptation: _Adaptation, graphs: dict[str, tuple[list[str], list[str]]]
+) -> list[str]:
+    """Problems with the step/act graphs' I/O names against the declaration (empty: fine).
+
+    ``graphs`` maps graph name -> (input names, output names); every graph whose name starts
+    with ``step`` follows the step signature, ``act`` the act signature.
+    """
+    states = [s.name for s in adaptation.state]
+    params = [p.name for p in adaptation.params]
+    problems = []
+    for name, (ins, outs) in graphs.items():
+        if name.startswith("step"):
+            need_in = {"transition", "obs", *states, *params}
+            allowed_in = need_in | {"done"}
+            need_out = {*STEP_OUTPUTS, *(s + STATE_OUT_SUFFIX for s in states)}
+        elif name == "act":  # the state it needs (the exporter drops unused inputs)
+            need_in, allowed_in = {"obs"}, {"obs", *states}
+            need_out = set(ACT_OUTPUTS)
+        else:
+            continue
+        if not need_in <= set(ins) or not set(ins) <= allowed_in:
+            problems.append(f"graph {name!r} has inputs {ins}; the declaration needs {need_in}")
+        if not need_out <= set(outs):
+            problems.append(f"graph {name!r} has outputs {outs}; it needs {sorted(need_out)}")
+    for required in ("step", "act"):
+        if required not in graphs:
+            problems.append(f"no {required!r} graph")
+    return problems
