@@ -27,19 +27,11 @@ import numpy as np
 import torch
 
 from export.calibrate import Recording, ood_thresholds, record_rollouts
-from export.graphs import Dims
+from export.family import family_export
 from export.onnx_export import DEFAULT_OPSET, export_graph
-from export.reference import (
-    concat_inputs,
-    dims_of,
-    random_step_inputs,
-    reference_modules,
-    take_rows,
-    torch_step,
-)
+from export.reference import concat_inputs, take_rows, torch_step
 from export.signing import sign_file
 from runtime import RUNTIME_VERSION
-from runtime.adaptation import ParamSpec, PearlAdaptation, StateSpec
 from runtime.agent import Agent, AgentConfig
 from runtime.bundle import (
     MANIFEST_FILE,
@@ -96,14 +88,15 @@ class ExportResult:
 def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptions) -> ExportResult:
     """Export the latest checkpoint of ``run_dir`` into the bundle directory ``out_dir``."""
     run = load_run(run_dir)
-    modules = reference_modules(run)  # refuses oracle runs
+    family = family_export(run)  # refuses oracle runs
+    modules = family.reference_modules(run)
     out_dir = Path(out_dir)
     _check_target(out_dir, options.force)
     profile = _load_profile(options.profile, options.opset)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        manifest, int8 = _build(run, modules, tmp, options, profile)
+        manifest, int8 = _build(run, family, modules, tmp, options, profile)
         if options.key is not None:
             sign_file(tmp / MANIFEST_FILE, options.key, tmp / SIGNATURE_FILE)
         _move_into_place(tmp, out_dir)
@@ -117,18 +110,21 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
 # -- the build -------------------------------------------------------------------------------
 def _build(
     run: LoadedRun,
+    family: Any,
     modules: dict[str, torch.nn.Module],
     tmp: Path,
     options: ExportOptions,
     profile: Any,
 ) -> tuple[Manifest, dict[str, Any] | None]:
-    dims = dims_of(run)
+    dims = family.dims_of(run)
     graphs = {
         name: export_graph(mod, name, dims, tmp / f"{name}.onnx", options.opset)
         for name, mod in modules.items()
     }
-    draft = _manifest(run, graphs, {}, _placeholder_ood(), options, profile)
+    adaptation = family.adaptation(run, None)
+    draft = _manifest(run, adaptation, graphs, {}, _placeholder_ood(), options, profile)
     recording = _calibration_recording(draft, tmp, run)
+    adaptation = family.adaptation(run, recording)  # a fitted summary needs the rollouts
     ood = OODSpec(**ood_thresholds(recording))
     vector_inputs = _vector_inputs(recording, run, dims)
     expected = {"step": torch_step(modules["step"], vector_inputs, dims)}
@@ -142,8 +138,8 @@ def _build(
         )
     _write_vectors(tmp / TEST_VECTORS_FILE, vector_inputs, expected)
     tolerance = {"step": FP32_TOLERANCE, **({"step_int8": INT8_TOLERANCE} if int8 else {})}
-    provenance = _provenance(run, options, recording, int8)
-    manifest = _manifest(run, graphs, provenance, ood, options, profile, tolerance, tmp)
+    provenance = _provenance(run, modules, options, recording, int8)
+    manifest = _manifest(run, adaptation, graphs, provenance, ood, options, profile, tolerance, tmp)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest, int8
 
@@ -155,16 +151,14 @@ def _calibration_recording(draft: Manifest, tmp: Path, run: LoadedRun) -> Record
     return record_rollouts(agent, cfg.env.name, "train", 64, cfg.eval.episodes, CALIBRATION_SEED)
 
 
-def _vector_inputs(recording: Recording, run: LoadedRun, dims: Dims) -> dict[str, np.ndarray]:
+def _vector_inputs(recording: Recording, run: LoadedRun, dims: Any) -> dict[str, np.ndarray]:
     """48 recorded rows (spread over the recording) and 16 random ones."""
     rng = np.random.default_rng(CALIBRATION_SEED)
     n_rec = min(TEST_VECTOR_ROWS * 3 // 4, recording.rows)
     idx = np.sort(rng.choice(recording.rows, size=n_rec, replace=False))
     # Finite rows only: INT8 graphs quantize activations per call over the whole batch, so
     # one NaN row would make every row's expected output meaningless.
-    random = random_step_inputs(
-        dims, run.family.spec, TEST_VECTOR_ROWS - n_rec, rng, run.config.model.prior_var, 0.0
-    )
+    random = dims.random_step_inputs(run.family.spec, TEST_VECTOR_ROWS - n_rec, rng, 0.0)
     return concat_inputs(take_rows(recording.inputs, idx), random)
 
 
@@ -180,6 +174,7 @@ def _write_vectors(
 
 def _manifest(
     run: LoadedRun,
+    adaptation: Any,
     graphs: dict[str, Any],
     provenance: dict[str, Any],
     ood: OODSpec,
@@ -202,7 +197,7 @@ def _manifest(
         bundle_id=str(uuid.uuid4()),
         version=RUNTIME_VERSION,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        adaptation=pearl_adaptation(cfg),
+        adaptation=adaptation,
         env=cfg.env.name,
         plugins=list(cfg.env.plugins),
         profile=profile.name if profile is not None else options.profile,
@@ -232,33 +227,6 @@ def _manifest(
     )
 
 
-def pearl_adaptation(cfg: Any) -> PearlAdaptation:
-    """The manifest declaration of a PEARL run's belief: its two state tensors at the prior
-    and the forgetting factor."""
-    m = cfg.model
-    z = m.latent_dim
-    if m.factor_rank > 0:
-        eye = [m.prior_var if i == j else 0.0 for i in range(z) for j in range(z)]
-        state = [
-            StateSpec(name="cov", shape=[z, z], init=eye),
-            StateSpec(name="mean", shape=[z], init=0.0),
-        ]
-    else:
-        state = [
-            StateSpec(name="precision", shape=[z], init=1.0 / m.prior_var),
-            StateSpec(name="eta", shape=[z], init=0.0),
-        ]
-    forget = ParamSpec(
-        name="forget", default=cfg.pearl.forget, low=1e-3, high=1.0,
-        description="forgetting factor: < 1 discounts old evidence toward the prior",
-    )  # fmt: skip
-    return PearlAdaptation(
-        state=state, params=[forget], summary_names=[f"z{i}" for i in range(z)],
-        latent_dim=z, factor_rank=m.factor_rank, factor_diagonal=m.factor_diagonal,
-        prior_var=m.prior_var, min_var=m.min_var,
-    )  # fmt: skip
-
-
 def _placeholder_ood() -> OODSpec:
     return OODSpec(warn=1e30, alarm=2e30, warn_quantile=0.99, alarm_quantile=0.999)
 
@@ -278,7 +246,11 @@ def _trt_settings(options: ExportOptions, profile: Any) -> dict[str, Any] | None
 
 
 def _provenance(
-    run: LoadedRun, options: ExportOptions, recording: Recording, int8: dict[str, Any] | None
+    run: LoadedRun,
+    modules: dict[str, torch.nn.Module],
+    options: ExportOptions,
+    recording: Recording,
+    int8: dict[str, Any] | None,
 ) -> dict[str, Any]:
     import onnx
     import onnxruntime
@@ -298,7 +270,7 @@ def _provenance(
         "onnxruntime_version": onnxruntime.__version__,
         "calibration": {"split": "train", "rows": recording.rows, "seed": CALIBRATION_SEED},
         "eval": {"tasks": cfg.eval.tasks, "episodes": cfg.eval.episodes},
-        "flops_per_step": {name: matrix_flops(m) for name, m in reference_modules(run).items()},
+        "flops_per_step": {name: matrix_flops(m) for name, m in modules.items()},
     }
     if int8 is not None:
         out["int8"] = int8

@@ -24,6 +24,7 @@ and the numpy belief agree to float32 rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ class Dims:
     latent: int
     rank: int = 0  # rank-one precision directions per factor (0: diagonal PEARL factors)
     diagonal: bool = True  # whether factors have a diagonal part
+    prior_var: float = 1.0  # the belief's prior (random test beliefs are drawn around it)
 
     @property
     def transition(self) -> int:
@@ -57,6 +59,20 @@ class Dims:
     def full(self) -> bool:
         """A full-covariance belief (factors with rank-one directions)."""
         return self.rank > 0
+
+    # The graph I/O interface every family's dims object offers (export.family.GraphDims).
+    def graph_io(self, graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return graph_io(graph, self)
+
+    def tensor_shapes(self, graph: str) -> dict[str, tuple[list[int | str], str]]:
+        return tensor_shapes(graph, self)
+
+    def random_step_inputs(
+        self, spec: FamilySpec, n: int, rng: object, nonfinite_share: float = 0.02
+    ) -> dict[str, object]:
+        from export.reference import random_step_inputs
+
+        return random_step_inputs(self, spec, n, rng, self.prior_var, nonfinite_share)
 
 
 def graph_io(graph: str, dims: Dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -260,10 +276,11 @@ class ActGraph(nn.Module):
         return self.scale(action_norm), action_norm
 
 
-def example_inputs(graph: str, dims: Dims, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """Dummy inputs used to trace ``graph`` (values do not matter, shapes and dtypes do)."""
-    shapes = tensor_shapes(graph, dims)
-    inputs = graph_io(graph, dims)[0]
+def example_inputs(graph: str, dims: Any, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs used to trace ``graph`` (values do not matter, shapes and dtypes do);
+    ``dims`` is any family's dims object (:class:`export.family.GraphDims`)."""
+    shapes = dims.tensor_shapes(graph)
+    inputs = dims.graph_io(graph)[0]
     out = []
     for name in inputs:
         shape, dtype = shapes[name]

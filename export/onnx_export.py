@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
-from export.graphs import BATCH, Dims, example_inputs, graph_io, tensor_shapes
+from export.graphs import BATCH, example_inputs
 from runtime.bundle import GraphSpec, TensorSpec
 
 DEFAULT_OPSET = 17
 
 
 def export_graph(
-    module: nn.Module, graph: str, dims: Dims, path: Path, opset: int = DEFAULT_OPSET
+    module: nn.Module, graph: str, dims: Any, path: Path, opset: int = DEFAULT_OPSET
 ) -> GraphSpec:
-    """Export ``module`` as graph ``graph`` ("step", "encoder" or "act") to ``path``."""
-    inputs, outputs = graph_io(graph, dims)
+    """Export ``module`` as graph ``graph`` ("step", "act" or a family's extra graph) to
+    ``path``; ``dims`` is the family's dims object (:class:`export.family.GraphDims`)."""
+    inputs, outputs = dims.graph_io(graph)
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -48,10 +50,11 @@ def check_graph(path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def graph_spec(graph: str, dims: Dims, file: str, precision: str = "fp32") -> GraphSpec:
+def graph_spec(graph: str, dims: Any, file: str, precision: str = "fp32") -> GraphSpec:
     """The manifest entry for ``graph`` stored in ``file``."""
-    inputs, outputs = graph_io("step" if graph.startswith("step") else graph, dims)
-    shapes = tensor_shapes("step" if graph.startswith("step") else graph, dims)
+    kind = "step" if graph.startswith("step") else graph
+    inputs, outputs = dims.graph_io(kind)
+    shapes = dims.tensor_shapes(kind)
 
     def specs(names: tuple[str, ...]) -> list[TensorSpec]:
         return [TensorSpec(name=n, shape=shapes[n][0], dtype=shapes[n][1]) for n in names]
@@ -72,8 +75,8 @@ def graph_opset(path: Path) -> int:
 
 
 DESCRIPTIONS = {
-    "step": "fused step: absorb transition into belief, surprise, action for obs",
+    "step": "fused step: absorb the transition into the state, surprise, action for obs",
     "step_int8": "fused step, weights INT8 (onnxruntime dynamic quantization)",
     "encoder": "transition -> Gaussian factor over the latent (mu, var and/or directions u)",
-    "act": "(obs, belief) -> deterministic action at the belief mean (scaled, normalized)",
+    "act": "(obs, state) -> deterministic action under the current state (scaled, normalized)",
 }

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from export.family import family_export
 from export.graphs import Dims
 from export.onnx_export import check_graph, graph_spec
-from export.reference import dims_of, random_step_inputs, torch_step
+from export.reference import torch_step
 from runtime.agent import Agent, AgentConfig
 from runtime.bundle import GraphSpec, Manifest
 from runtime.evaluation import held_out_tasks, rollout
@@ -50,7 +51,7 @@ def quantize_step(
     run: LoadedRun,
 ) -> tuple[GraphSpec, dict[str, np.ndarray], dict[str, Any]]:
     """Write ``step_int8.onnx``; return its spec, its test-vector outputs and a report."""
-    dims = dims_of(run)
+    dims = family_export(run).dims_of(run)
     src, dst = bundle_dir / graphs["step"].file, bundle_dir / INT8_FILE
     quantize_dynamic(
         str(src),
@@ -96,7 +97,7 @@ def _parity(
     vector_inputs: dict[str, np.ndarray],
 ) -> float:
     rng = np.random.default_rng(7)
-    random = random_step_inputs(dims, run.family.spec, 10_000, rng, run.config.model.prior_var)
+    random = dims.random_step_inputs(run.family.spec, 10_000, rng)
     worst = 0.0
     for inputs in (vector_inputs, random):
         # INT8 activations are quantized per call over the whole batch: a NaN row would poison

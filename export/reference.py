@@ -9,10 +9,12 @@ Recorded inputs come from the runtime itself during rollouts (see :mod:`export.c
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from export.graphs import ActGraph, Dims, EncoderGraph, graph_io, step_graph
+from export.graphs import ActGraph, Dims, EncoderGraph, step_graph
 from runtime.errors import CheckpointError
 from runtime.tasks.base import FamilySpec
 from training.checkpoint import LoadedRun
@@ -22,13 +24,18 @@ def dims_of(run: LoadedRun) -> Dims:
     """Graph sizes of a loaded run."""
     spec, model = run.family.spec, run.config.model
     return Dims(
-        spec.obs_dim, spec.act_dim, model.latent_dim, model.factor_rank, model.factor_diagonal
+        spec.obs_dim,
+        spec.act_dim,
+        model.latent_dim,
+        model.factor_rank,
+        model.factor_diagonal,
+        model.prior_var,
     )
 
 
 def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
     """Torch modules of the three graphs, sharing the run's networks (eval mode)."""
-    if run.config.pearl.oracle or run.nets.encoder is None:
+    if run.nets.encoder is None:
         raise CheckpointError(
             f"{run.run_dir}: oracle runs cannot be exported: the oracle's policy reads the true "
             "task vector, which a deployed device does not have"
@@ -44,10 +51,10 @@ def reference_modules(run: LoadedRun) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def torch_step(
-    module: torch.nn.Module, inputs: dict[str, np.ndarray], dims: Dims
+    module: torch.nn.Module, inputs: dict[str, np.ndarray], dims: Any
 ) -> dict[str, np.ndarray]:
     """Run the torch step graph on numpy inputs (any batch size), outputs by name."""
-    names_in, names_out = graph_io("step", dims)
+    names_in, names_out = dims.graph_io("step")
     args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names_in]
     outs = module(*args)
     return {name: t.numpy() for name, t in zip(names_out, outs, strict=True)}

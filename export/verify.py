@@ -73,7 +73,7 @@ def verify(
     if run_dir is not None:
         res.parity = parity_check(bundle_dir, manifest, Path(run_dir), random_rows)
         res.parity_max_abs_err = res.parity["max_abs_err"]
-        target = parity_target(manifest)
+        target = res.parity.get("target", parity_target(manifest))
         if not res.parity_max_abs_err <= target:
             res.reasons.append(
                 f"parity: max error {res.parity_max_abs_err:.3g} > target {target:g}"
@@ -90,7 +90,8 @@ def parity_check(
     import torch
 
     from export.calibrate import record_rollouts
-    from export.reference import concat_inputs, dims_of, random_step_inputs, reference_modules
+    from export.family import family_export
+    from export.reference import concat_inputs
     from runtime.agent import Agent, AgentConfig
     from training.checkpoint import load_run
 
@@ -98,26 +99,30 @@ def parity_check(
     problems = _run_matches(run, manifest)
     if problems:
         return {"max_abs_err": float("inf"), "problems": problems}
-    modules = reference_modules(run)
-    dims = dims_of(run)
+    family = family_export(run)
+    modules = family.reference_modules(run)
+    dims = family.dims_of(run)
     rng = np.random.default_rng(PARITY_SEED)
     agent = Agent(manifest, bundle_dir, [CPU], AgentConfig(warmup=1))
     env, eps = run.config.env.name, run.config.eval.episodes
     recorded = [
         record_rollouts(agent, env, s, 64, eps, PARITY_SEED).inputs for s in ("train", "test")
     ]
-    random = random_step_inputs(dims, run.family.spec, random_rows, rng, run.config.model.prior_var)
+    random = dims.random_step_inputs(run.family.spec, random_rows, rng)
     inputs = concat_inputs(random, *recorded)
     errors: dict[str, float] = {}
     problems = []
     with torch.no_grad():
-        for graph in ("step", "encoder", "act"):
+        for graph in modules:
             graph_errors, graph_problems = _graph_parity(
                 bundle_dir, manifest, graph, modules[graph], inputs
             )
             errors |= {f"{graph}.{k}": v for k, v in graph_errors.items()}
             problems += graph_problems
     return {
+        "target": family.PARITY_TARGET
+        if not hasattr(family, "parity_target")
+        else family.parity_target(run),
         "max_abs_err": max(errors.values()),
         "errors": errors,
         "random_rows": random_rows,
@@ -165,11 +170,12 @@ def _run_matches(run: Any, manifest: Manifest) -> list[str]:
     if cfg.algo != manifest.algorithm:
         problems.append(f"run is {cfg.algo}, bundle is {manifest.algorithm}")
         return problems
-    ad = manifest.adaptation
-    for key in ("latent_dim", "factor_rank"):
-        ours, theirs = getattr(cfg.model, key), getattr(ad, key)
-        if ours != theirs:
-            problems.append(f"run {key} {ours} != bundle {key} {theirs}")
+    from export.family import family_export
+
+    ours = [(s.name, s.shape) for s in family_export(run).adaptation(run).state]
+    theirs = [(s.name, s.shape) for s in manifest.adaptation.state]
+    if ours != theirs:
+        problems.append(f"run's adaptation state {ours} != bundle's {theirs}")
     return problems
 
 

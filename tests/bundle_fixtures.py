@@ -13,7 +13,6 @@ import torch
 
 from training.agent import build_networks
 from training.checkpoint import save_checkpoint, write_run_config
-from training.config import TrainConfig
 
 SMALL = ("model.encoder_hidden=[32, 32]", "model.hidden=[32, 32]")
 _CACHE: dict[tuple, Path] = {}
@@ -21,17 +20,19 @@ _CACHE: dict[tuple, Path] = {}
 
 def make_run(run_dir: Path, overrides: tuple[str, ...] = SMALL, seed: int = 0) -> Path:
     """A run directory with an untrained checkpoint (config + checkpoints/latest.pt)."""
-    from runtime.configio import apply_override, validate
+    from runtime.configio import apply_override
     from runtime.tasks import make_family
+    from training.registry import validate_run_config
 
     raw: dict = {"seed": seed}
     for item in overrides:
         apply_override(raw, item)
-    cfg = validate(raw, TrainConfig, source="test")
+    cfg = validate_run_config(raw, source="test")
     torch.manual_seed(seed)
     nets = build_networks(cfg, make_family(cfg.env.name).spec)
     write_run_config(run_dir, cfg)
-    save_checkpoint(run_dir, nets, {"iteration": 0, "env_steps": 0})
+    extra = {"iteration": 0, "env_steps": 0, "log_alpha": nets.log_alpha.detach().clone()}
+    save_checkpoint(run_dir, nets.modules(), extra)
     return run_dir
 
 

@@ -26,7 +26,7 @@ def test_extends_merges_over_base_and_override_wins() -> None:
     oracle = load_train_config(
         ROOT / "configs/pearl/point-nav-oracle.yaml", ["sac.lr_actor=0.001", "train.iterations=7"]
     )
-    assert oracle.pearl.oracle is True
+    assert oracle.algo == "oracle"
     assert oracle.model.hidden == base.model.hidden  # inherited through two levels
     assert oracle.sac.lr_actor == 0.001
     assert oracle.train.iterations == 7

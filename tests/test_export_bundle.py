@@ -156,7 +156,7 @@ def test_manifest_records_provenance_and_calibrated_ood(bundle, run_dir):
 
 
 def test_oracle_runs_cannot_be_exported(tmp_path):
-    run = make_run(tmp_path / "oracle", (*SMALL, "pearl.oracle=true"))
+    run = make_run(tmp_path / "oracle", (*SMALL, "algo=oracle"))
     with pytest.raises(CheckpointError, match="oracle runs cannot be exported"):
         export_bundle(run, tmp_path / "b", ExportOptions())
     assert not (tmp_path / "b").exists()
@@ -207,7 +207,7 @@ def test_cli_verify_without_signature_but_with_key_fails(tmp_path_factory, tmp_p
 
 
 def test_cli_export_of_an_oracle_is_a_one_line_error(tmp_path):
-    run = make_run(tmp_path / "oracle", (*SMALL, "pearl.oracle=true"))
+    run = make_run(tmp_path / "oracle", (*SMALL, "algo=oracle"))
     res = _cli("export", str(run), "--out", str(tmp_path / "b"))
     assert res.returncode != 0
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr

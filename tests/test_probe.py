@@ -52,7 +52,7 @@ def test_probe_never_scores_below_the_belief_it_starts_from(tmp_path):
 
 def test_cli_prints_the_gap_split_against_an_oracle(tmp_path, capsys):
     pearl = make_run(tmp_path / "pearl", SMALL)
-    oracle = make_run(tmp_path / "oracle", (*SMALL, "pearl.oracle=true"))
+    oracle = make_run(tmp_path / "oracle", (*SMALL, "algo=oracle"))
     argv = ["bench", "latent-probe", str(pearl), "--oracle", str(oracle), "--tasks", "4"]
     assert main([*argv, "--population", "8", "--iterations", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -60,6 +60,6 @@ def test_cli_prints_the_gap_split_against_an_oracle(tmp_path, capsys):
     assert np.isfinite(r["oracle_return"]) and np.isfinite(r["actor_gap"])
     assert len(r["inference_gap_by_episode"]) == r["episodes"] == 3
     assert main(["bench", "latent-probe", str(oracle)]) == 2
-    assert "no latent to probe" in capsys.readouterr().err
+    assert "the latent probe needs a PEARL run" in capsys.readouterr().err
     assert main(["bench", "latent-probe", str(pearl), "--population", "1"]) != 0
     assert "need population >= 2" in capsys.readouterr().err

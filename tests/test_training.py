@@ -16,6 +16,7 @@ from training.config import TrainConfig
 from training.evaluate import policy_for
 from training.losses import actor_losses, critic_losses
 from training.pearl import init_state, sample_batch, train
+from training.registry import validate_run_config
 
 TINY = {
     "model": {"encoder_hidden": [32, 32], "hidden": [32, 32]},
@@ -34,11 +35,11 @@ TINY = {
 }
 
 
-def tiny_config(**sections: dict) -> TrainConfig:
-    raw = {k: dict(v) for k, v in TINY.items()}
+def tiny_config(algo: str = "pearl", **sections: dict) -> TrainConfig:
+    raw: dict = {k: dict(v) for k, v in TINY.items()}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
-    return TrainConfig.model_validate(raw)
+    return validate_run_config({**raw, "algo": algo}, source="test")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_short_training_moves_losses_and_counters(tiny_run: Path) -> None:
 def test_learning_happens_on_point_nav(tmp_path: Path) -> None:
     """A few hundred SAC updates must beat a random policy clearly (fast oracle run)."""
     cfg = tiny_config(
-        pearl={"oracle": True},
+        "oracle",
         model={"hidden": [64, 64]},
         sac={"batch_size": 64, "lr_actor": 3e-3, "lr_critic": 3e-3},
         train={"iterations": 10, "updates_per_iter": 60, "tasks_per_iter": 8, "eval_every": 10},

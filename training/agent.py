@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from runtime.tasks.base import FamilySpec
-from training.config import TrainConfig
+from training.config import PearlConfig
 from training.networks import ContextEncoder, TanhGaussianActor, TwinCritic
 
 
@@ -33,17 +33,22 @@ class PearlNetworks:
         return mods
 
 
-def policy_latent_dim(cfg: TrainConfig, spec: FamilySpec) -> int:
+def is_oracle(cfg: PearlConfig) -> bool:
+    """The run is the privileged oracle (registry entry "oracle": PEARL's loop, true task)."""
+    return cfg.algo == "oracle"
+
+
+def policy_latent_dim(cfg: PearlConfig, spec: FamilySpec) -> int:
     """Width of what the actor sees besides obs: z, or the task vector for the oracle."""
-    return spec.task_dim if cfg.pearl.oracle else cfg.model.latent_dim
+    return spec.task_dim if is_oracle(cfg) else cfg.model.latent_dim
 
 
-def build_networks(cfg: TrainConfig, spec: FamilySpec) -> PearlNetworks:
+def build_networks(cfg: PearlConfig, spec: FamilySpec) -> PearlNetworks:
     """Fresh networks (initialized from torch's global RNG: seed it first)."""
     z = policy_latent_dim(cfg, spec)
     encoder = (
         None
-        if cfg.pearl.oracle
+        if is_oracle(cfg)
         else ContextEncoder(
             spec.obs_dim,
             spec.act_dim,

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 import yaml
 
-from runtime.configio import validate
 from runtime.errors import CheckpointError
 from runtime.plugins import import_plugins
 from runtime.tasks import TaskFamily, make_family
-from training.agent import PearlNetworks, build_networks
-from training.config import TrainConfig
+from training.config import RunConfig
+from training.registry import entry_of, validate_run_config
 
 FORMAT = "edgeadapt-checkpoint"
 FORMAT_VERSION = 1
@@ -34,9 +33,9 @@ class LoadedRun:
     """A trained run ready for evaluation or export."""
 
     run_dir: Path
-    config: TrainConfig
+    config: Any  # the algorithm's config class (training.registry)
     family: TaskFamily
-    nets: PearlNetworks
+    nets: Any  # the algorithm's networks
     state: dict[str, Any]
 
 
@@ -44,15 +43,17 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, nets: PearlNetworks, extra: dict[str, Any]) -> Path:
-    """Write ``iter_NNNNNN.pt`` atomically and point ``latest.pt`` at the same content."""
+def save_checkpoint(
+    run_dir: Path, modules: dict[str, torch.nn.Module], extra: dict[str, Any]
+) -> Path:
+    """Write ``iter_NNNNNN.pt`` atomically and point ``latest.pt`` at the same content:
+    every module's ``state_dict`` under ``nets`` plus ``extra``."""
     ckdir = checkpoint_dir(run_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "nets": {name: m.state_dict() for name, m in nets.modules().items()},
-        "log_alpha": nets.log_alpha.detach().clone(),
+        "nets": {name: m.state_dict() for name, m in modules.items()},
         **extra,
     }
     path = ckdir / f"iter_{int(extra.get('iteration', 0)):06d}.pt"
@@ -81,7 +82,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_run_config(run_dir: Path, cfg: TrainConfig) -> Path:
+def write_run_config(run_dir: Path, cfg: RunConfig) -> Path:
     """Write the resolved config of a run (``config.yaml``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
@@ -89,12 +90,15 @@ def write_run_config(run_dir: Path, cfg: TrainConfig) -> Path:
     return path
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
-    """The resolved config saved in a run directory."""
+def load_run_config(run_dir: Path) -> Any:
+    """The resolved config saved in a run directory (its algorithm's config class)."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return validate(yaml.safe_load(path.read_text()) or {}, TrainConfig, source=str(path))
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a mapping")
+    return validate_run_config(raw, source=str(path))
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
@@ -104,13 +108,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     import_plugins(cfg.env.plugins)
     family = make_family(cfg.env.name, 1)
     state = read_checkpoint(Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST)
-    nets = build_networks(cfg, family.spec)
     try:
-        for name, module in nets.modules().items():
-            module.load_state_dict(state["nets"][name])
-        nets.log_alpha.data.copy_(state["log_alpha"])
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{run_dir}: checkpoint does not match the run's config ({exc})"
-        ) from None
+        nets = entry_of(cfg).impl().load_networks(cfg, family.spec, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{run_dir}: {exc}") from None
     return LoadedRun(run_dir, cfg, family, nets, state)

@@ -8,8 +8,13 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="meta-train a PEARL policy (or its privileged oracle)")
-    p.add_argument("config", help="YAML config, e.g. configs/pearl/point-nav.yaml")
+    p = sub.add_parser(
+        "train", help="meta-train a policy of any family (pearl, rl2, ...; or the oracle)"
+    )
+    p.add_argument(
+        "config",
+        help="YAML config, e.g. configs/pearl/point-nav.yaml or configs/rl2/point-nav.yaml",
+    )
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument(
@@ -26,10 +31,14 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_evaluate)
 
     p = bench.add_parser(
-        "training", help="train oracle + PEARL from a config, then meta-test (quality + wall time)"
+        "training",
+        help="train the oracle and a policy from a config, then meta-test (quality + wall time)",
     )
-    p.add_argument("config", help="PEARL config, e.g. configs/pearl/point-nav.yaml")
-    p.add_argument("--oracle-config", help="oracle config (default: <config>-oracle.yaml)")
+    p.add_argument("config", help="config of any family, e.g. configs/rl2/point-nav.yaml")
+    p.add_argument(
+        "--oracle-config",
+        help="oracle config (default: the config's eval.oracle_config, else <config>-oracle.yaml)",
+    )
     p.add_argument("--out", default="runs/bench", help="parent directory of the two runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", default="test,ood", help="comma-separated splits to evaluate")
@@ -83,16 +92,15 @@ def _train(cfg, run_dir: Path, args: argparse.Namespace) -> int:
 
     from runtime.plugins import import_plugins
     from runtime.tasks import make_family
-    from training.pearl import train
     from training.plots import plot_learning_curve
+    from training.registry import entry_of
 
     import_plugins(cfg.env.plugins)
     make_family(cfg.env.name)  # unknown env fails before any work
+    entry = entry_of(cfg)
     start = time.perf_counter()
-    state = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    png = plot_learning_curve(
-        run_dir, f"{cfg.env.name} ({'oracle' if cfg.pearl.oracle else 'PEARL'})"
-    )
+    state = entry.impl().train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    png = plot_learning_curve(run_dir, f"{cfg.env.name} ({entry.label})")
     last = state.history[-1] if state.history else {}
     print(
         f"trained {cfg.env.name}: {state.iteration} iterations, {state.env_steps} env steps, "
@@ -166,27 +174,33 @@ def cmd_bench_training(args: argparse.Namespace) -> int:
 
     from training.config import load_train_config
     from training.evaluate import evaluate_run
-    from training.pearl import train
+    from training.registry import entry_of
 
     config = Path(args.config)
-    oracle_config = Path(args.oracle_config or config.with_name(config.stem + "-oracle.yaml"))
+    main_cfg = load_train_config(config, list(args.set))
+    oracle_config = Path(
+        args.oracle_config
+        or main_cfg.eval.oracle_config
+        or config.with_name(config.stem + "-oracle.yaml")
+    )
     out = Path(args.out)
-    result: dict = {"config": str(config)}
-    for role, path in (("oracle", oracle_config), ("pearl", config)):
+    algo = main_cfg.algo
+    result: dict = {"config": str(config), "algo": algo}
+    for role, path in (("oracle", oracle_config), (algo, config)):
         run_dir = out / f"{config.stem}-{role}"
         shutil.rmtree(run_dir, ignore_errors=True)
         overrides = list(args.set)
-        if role == "pearl":
+        if role != "oracle":
             overrides.append(f"eval.oracle_run={out / (config.stem + '-oracle')}")
         cfg = load_train_config(path, overrides)
         start = time.perf_counter()
-        state = train(cfg, run_dir, progress=not args.json)
+        state = entry_of(cfg).impl().train(cfg, run_dir, progress=not args.json)
         result[f"{role}_train_wall_s"] = round(time.perf_counter() - start, 1)
         result[f"{role}_env_steps"] = state.env_steps
-        result[f"{role}_updates"] = state.updates
-    result["env"] = cfg.env.name
+        result[f"{role}_updates"] = getattr(state, "updates", None)
+    result["env"] = main_cfg.env.name
     for split in args.splits.split(","):
-        report = evaluate_run(out / f"{config.stem}-pearl", split)
+        report = evaluate_run(out / f"{config.stem}-{algo}", split)
         result[split] = report.to_dict()
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

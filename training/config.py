@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime.configio import load_config
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -95,9 +93,6 @@ class SACConfig(_Section):
 
 
 class PEARLConfig(_Section):
-    oracle: bool = Field(
-        False, description="privileged oracle: the true (normalized) task vector replaces z"
-    )
     kl_weight: float = Field(0.1, ge=0, description="weight of KL(q(z|c) || prior)")
     lr_encoder: float | None = Field(
         None, gt=0, description="context encoder learning rate; None = sac.lr_critic"
@@ -155,21 +150,53 @@ class EvalConfig(_Section):
     oracle_run: str | None = Field(
         None, description="run directory of the privileged oracle used for normalized scores"
     )
+    oracle_config: str | None = Field(
+        None,
+        description="config that trains that oracle (for `bench training`); None: "
+        "<config>-oracle.yaml beside the config",
+    )
 
 
-class TrainConfig(_Section):
-    """One PEARL (or oracle) meta-training run."""
+class RunConfig(_Section):
+    """What every algorithm's config has: the registry key, the seed, the task family and the
+    meta-test protocol. Each algorithm adds its own sections (see :mod:`training.registry`)."""
 
-    algo: Literal["pearl"] = "pearl"
+    algo: str
     seed: int = Field(0, ge=0, description="seed of every RNG in the run")
     env: EnvConfig = EnvConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class PearlConfig(RunConfig):
+    """One PEARL meta-training run (SAC + probabilistic context encoder)."""
+
+    algo: Literal["pearl"] = "pearl"
     model: ModelConfig = ModelConfig()
     sac: SACConfig = SACConfig()
     pearl: PEARLConfig = PEARLConfig()
     train: TrainLoopConfig = TrainLoopConfig()
-    eval: EvalConfig = EvalConfig()
 
 
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load and validate a training config, applying ``key.sub=value`` overrides."""
-    return load_config(path, TrainConfig, overrides)
+class OracleConfig(PearlConfig):
+    """The privileged oracle: PEARL's SAC loop with the true (normalized) task vector in place
+    of z. It scores what perfect task knowledge is worth (the 1 of normalized scores) and
+    cannot be exported: a deployed device does not know the task. The ``pearl`` section's
+    encoder settings are ignored; ``pearl.meta_batch`` still sets the tasks per update."""
+
+    algo: Literal["oracle"] = "oracle"
+
+
+#: The PEARL config under the name it had when PEARL was the only algorithm.
+TrainConfig = PearlConfig
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a training config of any registered algorithm (its ``algo`` key),
+    applying ``key.sub=value`` overrides."""
+    from runtime.configio import apply_override, load_yaml_tree
+    from training.registry import validate_run_config
+
+    raw = load_yaml_tree(Path(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_run_config(raw, source=str(path))

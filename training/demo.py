@@ -152,16 +152,17 @@ def train_both(
 def _train_job(job: tuple[str, str, list[str], str, int]) -> tuple[str, dict[str, Any]]:
     """One training run (top level, so that a spawned worker process can run it)."""
     from training.config import load_train_config
-    from training.pearl import train
+    from training.registry import entry_of
 
     role, config, overrides, path, position = job
     cfg = load_train_config(config, overrides)
     start = time.perf_counter()
+    train = entry_of(cfg).impl().train
     state = train(cfg, Path(path), progress=True, bar_position=position)
     stats = {
         "wall_s": round(time.perf_counter() - start, 1),
         "env_steps": state.env_steps,
-        "updates": state.updates,
+        "updates": getattr(state, "updates", None),
         "num_threads": cfg.train.num_threads,
     }
     return role, stats

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import CheckpointError
-from runtime.evaluation import EvalReport, held_out_tasks, meta_test, rollout
+from runtime.evaluation import AdaptivePolicy, EvalReport, held_out_tasks, meta_test, rollout
 from runtime.tasks import make_family
-from training.agent import policy_latent_dim
 from training.checkpoint import LoadedRun, load_run
-from training.policy import OraclePolicy, PearlPolicy
+from training.registry import entry_of
 
 
 def evaluate_run(
@@ -49,27 +48,19 @@ def load_protocol(
     return run, episodes or cfg.eval.episodes, tasks_TK
 
 
-def policy_for(run: LoadedRun, adaptive: bool = True) -> PearlPolicy:
-    """Deterministic deployment policy (z = posterior mean) of a loaded run."""
-    cfg, spec = run.config, run.family.spec
-    cls = OraclePolicy if cfg.pearl.oracle else PearlPolicy
-    return cls(
-        run.nets,
-        spec,
-        policy_latent_dim(cfg, spec),
-        cfg.model.prior_var,
-        cfg.pearl.forget,
-        stochastic=False,
-        z_mode="mean",
-        adaptive=adaptive,
-    )
+def policy_for(run: LoadedRun, adaptive: bool = True) -> AdaptivePolicy:
+    """The deterministic deployment policy of a loaded run, whatever its algorithm
+    (``adaptive=False``: its state held at the initial value, the non-adaptive reference)."""
+    return entry_of(run.config).impl().policy_for(run, adaptive)
 
 
 def oracle_return_on(oracle_dir: str | Path, env: str, tasks_TK: np.ndarray, seed: int) -> float:
     """Mean return per episode of the privileged oracle on exactly these tasks."""
     oracle = load_run(oracle_dir)
-    if not oracle.config.pearl.oracle:
-        raise CheckpointError(f"{oracle_dir}: not an oracle run (pearl.oracle is false)")
+    if not entry_of(oracle.config).privileged:
+        raise CheckpointError(
+            f"{oracle_dir}: not an oracle run (algo is {oracle.config.algo!r}, not 'oracle')"
+        )
     if oracle.config.env.name != env:
         raise CheckpointError(
             f"{oracle_dir}: oracle was trained on {oracle.config.env.name!r}, not {env!r}"
@@ -83,7 +74,7 @@ def oracle_return_for(
     """The privileged oracle's return on these tasks for ``run``: the run itself if it is an
     oracle, else ``oracle_run`` or the run's ``eval.oracle_run`` (None when neither is set)."""
     cfg = run.config
-    if cfg.pearl.oracle:
+    if entry_of(cfg).privileged:
         return float(rollout(policy_for(run), cfg.env.name, tasks_TK, 1, seed).returns_TE.mean())
     path = oracle_run or cfg.eval.oracle_run
     if path is None:

@@ -3,7 +3,8 @@
 One iteration: pick train tasks, collect episodes with z from the prior (exploration) and with
 the belief updated online (adaptation data), then run gradient updates on meta-batches of
 tasks: context -> posterior -> z -> critic (trains the encoder) / actor (z detached). The
-privileged oracle (``pearl.oracle``) is the same loop with z = normalized true task vector.
+privileged oracle (registry entry ``oracle``) is the same loop with z = the normalized true task
+vector.
 """
 
 from __future__ import annotations
@@ -18,20 +19,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.errors import CheckpointError
 from runtime.evaluation import held_out_tasks, rollout
 from runtime.tasks import Split, TaskFamily, make_family
 from runtime.transition import transition_dim
-from training.agent import PearlNetworks, build_networks, normalize_task, policy_latent_dim
+from training.agent import (
+    PearlNetworks,
+    build_networks,
+    is_oracle,
+    normalize_task,
+    policy_latent_dim,
+)
 from training.buffer import MultiTaskReplay, TransitionBatch
 from training.checkpoint import (
     LATEST,
+    LoadedRun,
     checkpoint_dir,
     read_checkpoint,
     save_checkpoint,
     write_run_config,
 )
 from training.collect import collect_episodes
-from training.config import TrainConfig
+from training.config import PearlConfig as TrainConfig
 from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
 from training.policy import OraclePolicy, PearlPolicy
 
@@ -138,7 +147,7 @@ def train_task_set(family: TaskFamily, cfg: TrainConfig, rng: np.random.Generato
 def make_policy(state: TrainState, **kwargs: Any) -> PearlPolicy:
     cfg = state.cfg
     spec = make_family(cfg.env.name, 1).spec
-    cls = OraclePolicy if cfg.pearl.oracle else PearlPolicy
+    cls = OraclePolicy if is_oracle(cfg) else PearlPolicy
     return cls(
         state.nets,
         spec,
@@ -197,7 +206,7 @@ def sample_batch(state: TrainState) -> TorchBatch:
     rl = state.buffer.sample(ids, cfg.sac.batch_size, state.rng)
     flat = [torch.from_numpy(x.reshape(m * cfg.sac.batch_size, -1)) for x in rl]
     context = weight = task_z = None
-    if cfg.pearl.oracle:
+    if is_oracle(cfg):
         task_z = torch.from_numpy(normalize_task(state.train_tasks[ids], spec_env))
     else:
         context, weight = sample_context(state, ids, spec_env.horizon)
@@ -364,7 +373,8 @@ def checkpoint(state: TrainState, run_dir: Path) -> None:
         "rng_torch": state.gen.get_state(),
         "train_tasks": torch.from_numpy(state.train_tasks.copy()),
     }
-    save_checkpoint(run_dir, state.nets, extra)
+    extra["log_alpha"] = state.nets.log_alpha.detach().clone()
+    save_checkpoint(run_dir, state.nets.modules(), extra)
     tmp = checkpoint_dir(run_dir) / "buffer.tmp.npz"
     np.savez(tmp, **state.buffer.state_dict())
     tmp.replace(checkpoint_dir(run_dir) / BUFFER_FILE)
@@ -397,7 +407,7 @@ def _progress(cfg: TrainConfig, state: TrainState, enabled: bool, position: int 
     return tqdm(
         total=cfg.train.iterations,
         initial=state.iteration,
-        desc=f"train {cfg.env.name}{' (oracle)' if cfg.pearl.oracle else ''}",
+        desc=f"train {cfg.env.name}{' (oracle)' if is_oracle(cfg) else ''}",
         unit="it",
         dynamic_ncols=True,
         position=position,
@@ -417,3 +427,26 @@ def _advance(bar, row: dict[str, Any]) -> None:
         post["eval1"] = f"{row['eval_return_ep1']:.2f}"
     bar.set_postfix(post, refresh=False)
     bar.update(1)
+
+
+# -- registry hooks (training.registry) ---------------------------------------------------------
+def load_networks(cfg: TrainConfig, spec: Any, state: dict[str, Any]) -> PearlNetworks:
+    """The run's networks with a checkpoint's weights."""
+    nets = build_networks(cfg, spec)
+    try:
+        for name, module in nets.modules().items():
+            module.load_state_dict(state["nets"][name])
+        nets.log_alpha.data.copy_(state["log_alpha"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint does not match the run's config ({exc})") from None
+    return nets
+
+
+def policy_for(run: LoadedRun, adaptive: bool = True) -> PearlPolicy:
+    """Deterministic deployment policy (z = posterior mean; the oracle: the true task)."""
+    cfg, spec = run.config, run.family.spec
+    cls = OraclePolicy if is_oracle(cfg) else PearlPolicy
+    return cls(
+        run.nets, spec, policy_latent_dim(cfg, spec), cfg.model.prior_var, cfg.pearl.forget,
+        stochastic=False, z_mode="mean", adaptive=adaptive,
+    )  # fmt: skip

@@ -142,9 +142,10 @@ def latent_probe(
     start = time.perf_counter()
     run, episodes, tasks_TK = load_protocol(run_dir, split, episodes, tasks, seed)
     cfg = run.config
-    if cfg.pearl.oracle:
+    if cfg.algo != "pearl":
         raise CheckpointError(
-            f"{run_dir}: an oracle run reads the true task vector; there is no latent to probe"
+            f"{run_dir}: the latent probe needs a PEARL run (a task latent to search); this "
+            f"run is {cfg.algo!r}"
         )
     env = cfg.env.name
     adaptive = policy_for(run, adaptive=True)
