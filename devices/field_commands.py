@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from runtime.plugins import add_plugin_arg
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the flashed bundle in the field (simulated plant)")
+    add_plugin_arg(p)
     p.add_argument("--device-root", required=True, help="device root (see `edgeadapt flash`)")
     p.add_argument("--sim", help="task family to simulate (default: the bundle's)")
     p.add_argument("--split", default="test", choices=["train", "test", "ood"])

@@ -36,6 +36,7 @@ from devices.profiles import load_profile
 from devices.slots import device_profile_path, pubkey_path
 from runtime.agent import Agent
 from runtime.bundle import load_verified
+from runtime.plugins import import_plugins
 from runtime.tasks import make_family
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class FieldRunner:
         self.opts = opts
         self._load_agents()
         self.rate_hz = opts.rate_hz or self.profile.control_rate_hz
+        import_plugins(self.agent.manifest.plugins, source=f"bundle {self.bundle}")
         self.env = make_family(opts.sim or self.agent.manifest.env, 1)
         self.mode = Mode.ADAPTIVE
         self.commanded_safe = False

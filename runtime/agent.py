@@ -632,9 +632,11 @@ def evaluate_bundle(
     from dataclasses import replace
 
     from runtime.evaluation import held_out_tasks, meta_test
+    from runtime.plugins import import_plugins
     from runtime.tasks import make_family
 
     config = config or AgentConfig()
+    import_plugins(manifest.plugins, source=f"bundle {bundle_dir}")
 
     env = manifest.env
     family = make_family(env, 1)

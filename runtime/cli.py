@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     for package in OWN_LOGGERS:
         logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if getattr(args, "plugin", None):
+            from runtime.plugins import import_plugins
+
+            import_plugins(args.plugin, source="--plugin")
         return int(args.handler(args) or 0)
     except EdgeadaptError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from runtime.plugins import add_plugin_arg
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("runtime", help="step latency, torch ratio, cold start, RSS, throughput")
+    add_plugin_arg(p)
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--profile", help="device profile whose budgets the numbers are checked against")
@@ -24,6 +27,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_bench_belief)
 
     p = sub.add_parser("selftest", help="run a bundle's test vectors and time steps on this device")
+    add_plugin_arg(p)
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM); a signature is then required")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from runtime.plugins import add_plugin_arg
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("evaluate", help="meta-test a run directory or a bundle on held-out tasks")
+    add_plugin_arg(p)
     p.add_argument("path", help="run directory (torch) or bundle directory (onnxruntime)")
     _protocol_args(p)
     p.set_defaults(handler=cmd_evaluate)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.plugins import add_plugin_arg
+
 log = logging.getLogger(__name__)
 
 ENV = "drone-wind"
@@ -46,6 +48,7 @@ FULL_BUDGET: dict[str, list[str]] = {"oracle": [], "pearl": []}
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train -> export -> flash -> fly through wind -> report")
+    add_plugin_arg(p)
     p.add_argument("--out", default="reports/demo", help="report folder (overwritten)")
     p.add_argument("--quick", action="store_true", help="tiny training (~1 min): a smoke run")
     p.add_argument("--seed", type=int, default=0)

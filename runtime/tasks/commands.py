@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from runtime.plugins import add_plugin_arg
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add ``envs`` and ``bench envs``."""
     envs = sub.add_parser("envs", help="list the task families (dims, splits)")
+    add_plugin_arg(envs)
     envs.add_argument("--json", action="store_true", help="print one JSON object")
     envs.set_defaults(handler=_envs)
 
     b = bench.add_parser("envs", help="vectorized env-steps/s of every task family")
+    add_plugin_arg(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--batch", type=_positive, default=256, help="environments per batch")
     b.add_argument("--steps", type=_positive, default=500, help="batched steps per repeat")
