@@ -1,0 +1,169 @@
+"""One contract every meta-RL family and every policy implementation passes (dm_env style).
+
+Parametrized over the registry's families (``TINY_CONFIGS``: a tiny real training run each) and
+over the implementations of :class:`runtime.evaluation.AdaptivePolicy`: the torch policy of the
+run, the exported bundle's :class:`runtime.agent.Agent`, the privileged oracle and the random
+policy. A new family adds one entry to ``TINY_CONFIGS`` and must pass everything here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from export.bundle_writer import ExportOptions, export_bundle
+from runtime.agent import Agent, AgentConfig
+from runtime.evaluation import RandomPolicy, held_out_tasks, rollout
+from runtime.tasks import make_family
+from training.checkpoint import LoadedRun, load_run
+from training.evaluate import policy_for
+from training.registry import entry_of, validate_run_config
+
+ENV = "point-nav"
+LOOP = {"eval_every": 2, "checkpoint_every": 2, "num_threads": 1}
+#: A few iterations of real training per family (seconds each).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "pearl": {
+        "model": {"encoder_hidden": [32, 32], "hidden": [32, 32], "latent_dim": 3},
+        "sac": {"batch_size": 32},
+        "pearl": {"meta_batch": 4, "context_size": 16},
+        "train": {"iterations": 2, "initial_episodes": 1, "tasks_per_iter": 4,
+                  "updates_per_iter": 5, **LOOP},
+    },
+    "oracle": {
+        "model": {"hidden": [32, 32]},
+        "sac": {"batch_size": 32},
+        "pearl": {"meta_batch": 4},
+        "train": {"iterations": 2, "initial_episodes": 1, "tasks_per_iter": 4,
+                  "updates_per_iter": 5, **LOOP},
+    },
+}  # fmt: skip
+FAMILIES = sorted(TINY_CONFIGS)
+EXPORTABLE = [f for f in FAMILIES if entry_of(validate_run_config({"algo": f}, "x")).export_module]
+_RUNS: dict[str, tuple[Path, Any]] = {}
+_BUNDLES: dict[str, Path] = {}
+
+
+def trained(algo: str, tmp_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """(run directory, the in-memory training state) of a tiny run, trained once per session."""
+    if algo not in _RUNS:
+        cfg = validate_run_config(
+            {**TINY_CONFIGS[algo], "algo": algo, "env": {"name": ENV}, "eval": {"tasks": 4}},
+            source="contract",
+        )
+        run_dir = tmp_factory.mktemp(f"contract-{algo}")
+        state = entry_of(cfg).impl().train(cfg, run_dir, progress=False)
+        _RUNS[algo] = (run_dir, state)
+    return _RUNS[algo]
+
+
+def bundle_of(algo: str, tmp_factory: pytest.TempPathFactory) -> Path:
+    if algo not in _BUNDLES:
+        run_dir, _ = trained(algo, tmp_factory)
+        out = tmp_factory.mktemp(f"bundle-{algo}") / "b"
+        export_bundle(run_dir, out, ExportOptions(calibration_tasks=8))
+        _BUNDLES[algo] = out
+    return _BUNDLES[algo]
+
+
+def make_policy(kind: str, algo: str, tmp_factory: pytest.TempPathFactory, adaptive=True):
+    run_dir, _ = trained(algo, tmp_factory)
+    if kind == "torch":
+        return policy_for(load_run(run_dir), adaptive)
+    if kind == "bundle":
+        return Agent.load(bundle_of(algo, tmp_factory), config=AgentConfig(adaptive=adaptive))
+    return RandomPolicy(make_family(ENV).spec.act_dim, np.random.default_rng(0))
+
+
+IMPLEMENTATIONS = [("torch", f) for f in FAMILIES] + [("bundle", f) for f in EXPORTABLE]
+IMPLEMENTATIONS += [("random", "pearl")]
+IDS = [f"{k}-{f}" for k, f in IMPLEMENTATIONS]
+
+
+def tasks(n: int = 4) -> np.ndarray:
+    return held_out_tasks(make_family(ENV), "test", n, seed=3)
+
+
+# -- the contract ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "algo"), IMPLEMENTATIONS, ids=IDS)
+def test_actions_have_the_batch_shape_and_lie_in_bounds(kind, algo, tmp_path_factory):
+    policy = make_policy(kind, algo, tmp_path_factory)
+    t = tasks(5)
+    policy.begin_task(t)
+    policy.begin_episode()
+    obs = make_family(ENV, 5).reset(t, np.random.default_rng(0))
+    action = policy.act(obs)
+    assert action.shape == (5, make_family(ENV).spec.act_dim)
+    assert np.isfinite(action).all() and np.abs(action).max() <= 1.0
+
+
+@pytest.mark.parametrize(("kind", "algo"), IMPLEMENTATIONS, ids=IDS)
+def test_same_seed_same_returns(kind, algo, tmp_path_factory):
+    a = rollout(make_policy(kind, algo, tmp_path_factory), ENV, tasks(), 2, seed=5)
+    b = rollout(make_policy(kind, algo, tmp_path_factory), ENV, tasks(), 2, seed=5)
+    np.testing.assert_array_equal(a.returns_TE, b.returns_TE)
+
+
+@pytest.mark.parametrize(("kind", "algo"), [i for i in IMPLEMENTATIONS if i[0] != "random"],
+                         ids=[i for i in IDS if not i.startswith("random")])  # fmt: skip
+def test_begin_task_returns_to_the_initial_state(kind, algo, tmp_path_factory):
+    """After adapting to one task, begin_task makes the policy act exactly like a fresh one."""
+    used, fresh = (make_policy(kind, algo, tmp_path_factory) for _ in range(2))
+    rollout(used, ENV, held_out_tasks(make_family(ENV), "train", 4, seed=9), 2, seed=1)
+    np.testing.assert_array_equal(
+        rollout(used, ENV, tasks(), 2, seed=2).returns_TE,
+        rollout(fresh, ENV, tasks(), 2, seed=2).returns_TE,
+    )
+
+
+@pytest.mark.parametrize("algo", FAMILIES)
+def test_save_then_load_gives_the_trained_models_actions(algo, tmp_path_factory):
+    """The in-memory networks at the end of training and the run loaded from disk act alike."""
+    run_dir, state = trained(algo, tmp_path_factory)
+    loaded = load_run(run_dir)
+    live = LoadedRun(run_dir, state.cfg, loaded.family, state.nets, {})
+    t = tasks()
+    np.testing.assert_array_equal(
+        rollout(policy_for(live), ENV, t, 2, seed=4).returns_TE,
+        rollout(policy_for(loaded), ENV, t, 2, seed=4).returns_TE,
+    )
+
+
+@pytest.mark.parametrize("algo", EXPORTABLE)
+def test_bundle_acts_like_the_torch_policy(algo, tmp_path_factory):
+    """torch vs onnxruntime on the protocol itself: the same returns to float32 rounding."""
+    run_dir, _ = trained(algo, tmp_path_factory)
+    torch_ret = rollout(policy_for(load_run(run_dir)), ENV, tasks(), 2, seed=6).returns_TE
+    agent = Agent.load(bundle_of(algo, tmp_path_factory), config=AgentConfig(outlier_factor=None))
+    ort_ret = rollout(agent, ENV, tasks(), 2, seed=6).returns_TE
+    np.testing.assert_allclose(ort_ret, torch_ret, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("algo", EXPORTABLE)
+def test_nan_fuzz_never_gives_a_non_finite_action(algo, tmp_path_factory):
+    agent = Agent.load(bundle_of(algo, tmp_path_factory))
+    rng = np.random.default_rng(0)
+    spec = make_family(ENV).spec
+    obs = np.zeros(spec.obs_dim, np.float32)
+    for _ in range(300):
+        nxt = rng.normal(0, 1, spec.obs_dim).astype(np.float32)
+        nxt[rng.random(spec.obs_dim) < 0.2] = rng.choice([np.nan, np.inf, -np.inf, 1e30])
+        reward = float(rng.choice([np.nan, -1.0, 1e38, np.inf]))
+        action = agent.step(nxt, reward, done=bool(rng.random() < 0.05))
+        assert np.isfinite(action).all()
+        assert (action >= spec.act_low).all() and (action <= spec.act_high).all()
+        obs = nxt
+    assert agent.summary.skipped > 0 and obs is not None
+
+
+@pytest.mark.parametrize("algo", EXPORTABLE)
+def test_the_bundle_declares_its_state_and_the_runtime_pairs_it_by_name(algo, tmp_path_factory):
+    agent = Agent.load(bundle_of(algo, tmp_path_factory))
+    declared = agent.manifest.adaptation.state
+    assert [s.name for s in declared] == list(agent.state)
+    for spec in declared:
+        np.testing.assert_array_equal(agent.state[spec.name][0], spec.initial())
+    assert agent.summary.algorithm == algo
