@@ -20,7 +20,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd = [sys.executable, "-m", "runtime.cli", "demo", "--quick", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=480)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "edgeadapt demo: drone-wind" in res.stdout
+    assert "edgeadapt demo: pearl on drone-wind" in res.stdout
     return out
 
 

@@ -1,6 +1,7 @@
 """``edgeadapt demo``: the whole pipeline on one machine, from training to a fleet dashboard.
 
-Meta-train PEARL (and its privileged oracle) on ``drone-wind`` -> export and sign a bundle ->
+Meta-train a family (PEARL by default, ``--algo rl2``) and the privileged oracle on
+``drone-wind`` -> export and sign a bundle ->
 provision and flash a local device root -> start a private Mosquitto and a collector -> fly the
 simulated drone through unseen winds, an out-of-distribution storm and a mid-flight wind change
 -> a terminal summary and a report folder of plots. This module is cloud-side (it trains, so it
@@ -18,14 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import ConfigError
 from runtime.plugins import add_plugin_arg
 
 log = logging.getLogger(__name__)
 
 ENV = "drone-wind"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pearl"
-#: Small overrides that make ``--quick`` finish in about a minute (a smoke run, not a result).
-QUICK = [
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+#: The oracle is PEARL's SAC with the true task: one reference for every family.
+ORACLE_CONFIG = CONFIGS / "pearl" / f"{ENV}-oracle.yaml"
+#: Small overrides that make ``--quick`` finish in about a minute (a smoke run, not a result),
+#: for the oracle and each family (keys of the family's own config sections).
+QUICK_ORACLE = [
     "train.iterations=6",
     "train.updates_per_iter=40",
     "train.eval_every=6",
@@ -39,11 +44,23 @@ QUICK = [
     "sac.batch_size=64",
     "pearl.meta_batch=8",
 ]
+QUICK: dict[str, list[str]] = {
+    "oracle": QUICK_ORACLE,
+    "pearl": QUICK_ORACLE,
+    "rl2": [
+        "train.iterations=4",
+        "train.trials_per_iter=16",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "train.num_threads=1",
+        "eval.tasks=8",
+    ],
+}
 
 
 #: Overrides of the full demo's training budget: none, the default drone-wind configs (150
 #: iterations each). Trained side by side on 2 cores, `make demo` stays within 10 minutes.
-FULL_BUDGET: dict[str, list[str]] = {"oracle": [], "pearl": []}
+FULL_BUDGET: dict[str, list[str]] = {"oracle": [], "pearl": [], "rl2": []}
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -52,13 +69,16 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--out", default="reports/demo", help="report folder (overwritten)")
     p.add_argument("--quick", action="store_true", help="tiny training (~1 min): a smoke run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algo", default="pearl", help="family to demo: pearl (default) or rl2")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config field (both runs)")  # fmt: skip
+                   help="override a field of the family's training config")  # fmt: skip
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, overrides=args.set)
+    summary = run_demo(
+        Path(args.out), quick=args.quick, seed=args.seed, overrides=args.set, algo=args.algo
+    )
     print(format_summary(summary))
     print(f"\nreport: {args.out}/  (summary.json and PNG plots)")
     return 0
@@ -80,20 +100,37 @@ class Stage:
         print(f"      done in {time.perf_counter() - self.start:.1f} s", flush=True)
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: list[str] | None = None):
-    """Run the pipeline into ``out``; returns the summary dict (also ``out/summary.json``)."""
+def run_demo(
+    out: Path,
+    quick: bool = False,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    algo: str = "pearl",
+):
+    """Run the pipeline into ``out`` for the family ``algo``; returns the summary dict (also
+    ``out/summary.json``)."""
     import shutil
 
+    from training.registry import algorithm
+
+    entry = algorithm(algo)
+    config = CONFIGS / algo / f"{ENV}.yaml"
+    if entry.export_module is None or not config.is_file():
+        raise ConfigError(f"demo --algo {algo}: needs an exportable family with {config}")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    extra = (QUICK if quick else []) + [f"seed={seed}"] + list(overrides or [])
-    budget = {role: [] if quick else list(v) for role, v in FULL_BUDGET.items()}
-    summary: dict[str, Any] = {"env": ENV, "quick": quick, "seed": seed}
+    configs = {"oracle": ORACLE_CONFIG, algo: config}
+    budget = {
+        role: (QUICK.get(role, []) if quick else FULL_BUDGET.get(role, [])) + [f"seed={seed}"]
+        for role in configs
+    }
+    budget[algo] += list(overrides or [])
+    summary: dict[str, Any] = {"env": ENV, "algo": algo, "quick": quick, "seed": seed}
     t0 = time.perf_counter()
-    with Stage(1, f"meta-train the privileged oracle and PEARL on {ENV}"):
-        runs = train_both(out / "runs", extra, budget, summary)
+    with Stage(1, f"meta-train the privileged oracle and {entry.label} on {ENV}"):
+        runs = train_both(out / "runs", configs, budget, summary)
     with Stage(2, "export, sign and verify the bundle"):
-        bundle, pub = export_signed(runs["pearl"], out, summary)
+        bundle, pub = export_signed(runs[algo], out, summary)
     with Stage(3, "provision a device root and flash the bundle (A/B, health gate)"):
         root = flash_device(bundle, pub, out, summary)
     with Stage(4, "start a private Mosquitto broker and the telemetry collector"):
@@ -117,25 +154,26 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: list[str]
 
 # -- stages ---------------------------------------------------------------------------------
 def train_both(
-    runs: Path, extra: list[str], budget: dict[str, list[str]], summary: dict[str, Any]
+    runs: Path,
+    configs: dict[str, Path],
+    budget: dict[str, list[str]],
+    summary: dict[str, Any],
 ) -> dict[str, Path]:
-    """Train the oracle and PEARL: side by side in two processes (one torch thread each) when
-    the machine has two cores or more, else one after the other. They are independent: the
-    oracle is only needed afterwards, as the reference of the normalized scores."""
-    paths = {"oracle": runs / f"{ENV}-oracle", "pearl": runs / ENV}
+    """Train the oracle and the family's policy: side by side in two processes (one torch
+    thread each) when the machine has two cores or more, else one after the other. They are
+    independent: the oracle is only needed afterwards, as the reference of normalized scores."""
+    paths = {role: runs / (f"{ENV}-oracle" if role == "oracle" else ENV) for role in configs}
     jobs = []
-    for position, role in enumerate(("oracle", "pearl")):
-        name = f"{ENV}-oracle" if role == "oracle" else ENV
-        # One thread each, before ``extra`` so that a user's --set wins: two small-network
+    for position, (role, config) in enumerate(configs.items()):
+        # One thread each, before the budget so that a user's --set wins: two small-network
         # runs in parallel beat one run with two threads, and torch's intra-op threads slow
         # down badly when they share a core with another busy process.
         overrides = [
             "train.num_threads=1",
             *budget[role],
-            *extra,
             f"eval.oracle_run={paths['oracle']}",
         ]
-        jobs.append((role, str(CONFIG_DIR / f"{name}.yaml"), overrides, str(paths[role]), position))
+        jobs.append((role, str(config), overrides, str(paths[role]), position))
     side_by_side = (os.cpu_count() or 1) >= 2
     summary["train_side_by_side"] = side_by_side
     if side_by_side:
@@ -306,12 +344,13 @@ def _telemetry(fleet: Fleet, root: Path, device: str):
 def format_summary(s: dict[str, Any]) -> str:
     """A terminal table of the demo's results."""
     u = s["unseen_winds"]
+    algo = s.get("algo", "pearl")
     lines = [
         "",
-        f"edgeadapt demo: {s['env']}  ({'quick smoke run' if s['quick'] else 'full'}, "
+        f"edgeadapt demo: {algo} on {s['env']}  ({'quick smoke run' if s['quick'] else 'full'}, "
         f"{s.get('wall_s', 0):.0f} s)",
         f"  training wall time      oracle {s['train_oracle']['wall_s']:.0f} s, "
-        f"PEARL {s['train_pearl']['wall_s']:.0f} s"
+        f"{algo} {s['train_' + algo]['wall_s']:.0f} s"
         f"{' (side by side)' if s.get('train_side_by_side') else ''}",
         f"  bundle                  {s['bundle']['id'][:8]}  signature {s['bundle']['signature']}"
         f"  flashed to slot {s['flash']['active_slot']}",
