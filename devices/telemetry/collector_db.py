@@ -45,7 +45,14 @@ from devices.telemetry.topics import BATCH_CHANNELS, Channel, parse_topic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CollectorStore", "connect", "device_stats", "malformed_total", "record_bodies"]
+__all__ = [
+    "CollectorStore",
+    "connect",
+    "device_birth",
+    "device_stats",
+    "malformed_total",
+    "record_bodies",
+]
 
 SCHEMA_VERSION = 1
 MALFORMED_KEEP_BYTES = 256
@@ -439,3 +446,15 @@ def _dumps(obj: Any) -> str:
 
 def _int(value: Any) -> int:
     return value if type(value) is int and 0 <= value <= MAX_INT else 0
+
+
+def device_birth(conn: Database, device: str) -> dict[str, Any] | None:
+    """The device's last birth message as an object; None for an unknown device."""
+    row = conn.execute("SELECT birth FROM devices WHERE device = ?", (device,)).fetchone()
+    if row is None:
+        return None
+    try:
+        obj = json.loads(row[0]) if row[0] else {}
+    except ValueError:
+        obj = {}
+    return obj if isinstance(obj, dict) else {}

@@ -167,6 +167,14 @@ class Database:
 
         return (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, OverflowError)
 
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """Every error the driver raises (for one-line messages at the CLI)."""
+        if self.dialect == "sqlite":
+            return (sqlite3.Error,)
+        import psycopg
+
+        return (psycopg.Error,)
+
     def create_schema(self) -> None:
         """Create missing tables and indexes (concurrent collectors: once, under a lock)."""
         self.begin()
