@@ -129,7 +129,8 @@ class OtherFamilyDevice:
             s = self.seq
             rec = {"seq": s, "t": time.time(), "step": s, "r": math.sin(s / 9), "bn": s,
                    "a": [math.cos(s / 7), 0.5 * math.sin(s / 5)], "bm": [], "bv": [],
-                   "bh": None, "ood": 1.0 + math.sin(s / 15) ** 2 * 1.8, "lat": 35 + s % 9}  # fmt: skip
+                   "bh": None, "ood": 1.0 + math.sin(s / 15) ** 2 * 1.8,
+                   "lat": 35 + s % 9}  # fmt: skip
             batch = {"v": 1, "fleet": "f", "dev": self.device, "boot": "boot-1", "k": "tel",
                      "hist": False, "recs": [rec]}  # fmt: skip
             self._publish("tele", json.dumps(batch).encode())

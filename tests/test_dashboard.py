@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_fixtures import Dashboard, OtherFamilyDevice, browser  # noqa: F401
+from dashboard_fixtures import Dashboard, OtherFamilyDevice
 from mqtt_fixtures import SimDevice, received, wait_for
 
 from devices.telemetry.collector import Collector
