@@ -10,18 +10,24 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[train,export,dev]'
+	$(PIP) install -q -e '.[train,export,dev,dashboard,postgres,mcap]'
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
 
-# Mosquitto is needed by the telemetry tests and the demo's private broker.
+# Debian packages the tests run for real: mosquitto (telemetry broker, demo), postgresql (the
+# collector's server store), chromium + chromium-driver (the dashboard's browser test).
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
-	  echo "installing mosquitto (Debian package)"; \
+	@missing=""; \
+	{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	[ -z "$$missing" ] || { \
+	  echo "installing$$missing (Debian packages)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null \
-	  || { echo "ERROR: could not install mosquitto; the telemetry tests need it"; exit 1; }; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null \
+	  || { echo "ERROR: could not install$$missing; the telemetry and dashboard tests need them"; exit 1; }; }
 
 demo: install
 	$(VENV)/bin/edgeadapt demo --out reports/demo

@@ -14,4 +14,6 @@ def repo_root() -> Path:
     return ROOT
 
 
+from dashboard_fixtures import browser  # noqa: E402,F401  (dashboard: headless Chromium)
 from mqtt_fixtures import broker, collector  # noqa: E402,F401  (telemetry: real Mosquitto)
+from pg_fixtures import pg_server, pg_url  # noqa: E402,F401  (collector: real PostgreSQL)

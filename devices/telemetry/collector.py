@@ -1,10 +1,13 @@
-"""The backend collector: subscribe, store in SQLite, acknowledge after the commit.
+"""The backend collector: subscribe, store (SQLite or PostgreSQL), acknowledge after the commit.
 
 The collector uses a persistent MQTT session (fixed client id, clean start off, a session expiry)
 and paho's manual acknowledgements: a message is PUBACKed only after the transaction holding its
 records committed. If the collector dies in between, the broker redelivers the message and the
 primary key drops the copy. With ``share_group`` the record channels are subscribed as MQTT 5
-shared subscriptions, so several collectors (same database or not) split the load.
+shared subscriptions, so several collectors (same database or not) split the load; on a shared
+database the primary key stores each record once whichever collector got it. A collector that
+dies keeps its unacknowledged messages in its broker session: restarted with the same client id
+(a supervisor does that), it gets them again. Every collector of a group needs its own client id.
 
 Threads: paho's network thread only appends received messages to a deque; the writer thread
 ingests them in one transaction per wake-up, commits, then acknowledges.
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from devices.telemetry.collector_db import CollectorStore
+from devices.telemetry.collector_db import MAX_PAYLOAD_BYTES, CollectorStore
+from devices.telemetry.database import describe, is_url
 from devices.telemetry.topics import collector_filters
 from devices.telemetry.transport import BrokerOptions, connect_kwargs, guarded, make_client
 
@@ -53,7 +57,11 @@ class CollectorCounters:
 
 
 class Collector:
-    """Subscribes to a fleet's topics and writes every record once into ``db_path``."""
+    """Subscribes to a fleet's topics and writes every record once into ``db_path``.
+
+    ``db_path`` is an SQLite file or a ``postgresql://`` URL. Messages larger than
+    ``max_payload_bytes`` are counted as malformed and dropped without being parsed.
+    """
 
     def __init__(
         self,
@@ -64,13 +72,14 @@ class Collector:
         share_group: str | None = None,
         client_id: str = DEFAULT_CLIENT_ID,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ):
         self.broker = broker
-        self.db_path = Path(db_path)
+        self.db_path: Path | str = db_path if is_url(db_path) else Path(db_path)
         self.filters = collector_filters(fleet, share_group)
         self.session_expiry_s = session_expiry_s
         self.counters = CollectorCounters()
-        self._store = CollectorStore.open(self.db_path)
+        self._store = CollectorStore.open(self.db_path, max_payload_bytes)
         self._mqtt = make_client(
             broker, client_id, persistent=session_expiry_s > 0, manual_ack=True
         )
@@ -93,7 +102,9 @@ class Collector:
         m.connect_async(**connect_kwargs(self.broker, session_expiry_s=self.session_expiry_s))  # type: ignore[arg-type]
         m.loop_start()
         self._thread.start()
-        log.info("collecting %s from %s into %s", self.filters, self.broker.url, self.db_path)
+        log.info(
+            "collecting %s from %s into %s", self.filters, self.broker.url, describe(self.db_path)
+        )
         return self
 
     def stop(self) -> None:
@@ -167,6 +178,9 @@ class Collector:
             items.append(self._inbox.popleft())
         if not items:
             return
+        # one device's messages keep their order; a fixed device order across collectors keeps
+        # concurrent transactions on a shared PostgreSQL from locking rows in opposite orders
+        items.sort(key=lambda it: it.topic.rsplit("/", 1)[0])
         c = self.counters
         self._store.begin()
         try:

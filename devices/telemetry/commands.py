@@ -1,6 +1,8 @@
-"""CLI: ``collect``, ``telemetry stats|plot``, ``command`` and ``bench telemetry``.
+"""CLI: ``collect``, ``telemetry stats|plot|export``, ``dashboard``, ``command`` and
+``bench telemetry``.
 
-Top-level imports are stdlib only; handlers import paho, sqlite and matplotlib when they run.
+Top-level imports are stdlib only; handlers import paho, sqlite, psycopg, matplotlib, mcap and
+the dashboard's web stack when they run. ``--db`` takes an SQLite path or a ``postgresql://`` URL.
 """
 
 from __future__ import annotations
@@ -10,32 +12,51 @@ import json
 from typing import Any
 
 ACTIONS = ("reset-state", "reset-belief", "set-mode", "rebirth", "update-bundle")
+DB_HELP = "collector database: SQLite path or postgresql://user@host:port/dbname"
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add the telemetry subcommands to the ``edgeadapt`` parser."""
-    p = sub.add_parser("collect", help="store a fleet's MQTT telemetry in SQLite (dedup, gaps)")
+    p = sub.add_parser("collect", help="store a fleet's MQTT telemetry (SQLite or PostgreSQL)")
     _broker_args(p)
-    p.add_argument("--db", required=True, help="collector database (SQLite), created if missing")
+    p.add_argument("--db", required=True, help=DB_HELP + "; created if missing")
     p.add_argument("--fleet", default="+", help="fleet to collect ('+': all)")
     p.add_argument("--share", metavar="GROUP", help="MQTT 5 shared subscription group")
     p.add_argument("--client-id", default="edgeadapt-collector", help="stable id (session)")
     p.add_argument("--session-expiry", type=int, default=86_400, help="broker session (s)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--max-payload", type=int, default=1 << 20, help="largest message (bytes)")
     p.set_defaults(handler=cmd_collect)
+
+    p = sub.add_parser("dashboard", help="live fleet dashboard in the browser (read-only)")
+    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port")
+    p.add_argument("--token", help="required by every request (default: $EDGEADAPT_DASHBOARD_TOKEN)"
+                   "; needed when --host is not loopback")  # fmt: skip
+    p.add_argument("--poll", type=float, default=0.2, help="live update period (s)")
+    p.set_defaults(handler=cmd_dashboard)
 
     tel = sub.add_parser("telemetry", help="inspect a collector database")
     tsub = tel.add_subparsers(dest="telemetry_command", metavar="WHAT", required=True)
     p = tsub.add_parser("stats", help="per device: received, max_seq, gaps, duplicates, online")
-    p.add_argument("--db", required=True, help="collector database")
+    p.add_argument("--db", required=True, help=DB_HELP)
     p.add_argument("--device", help="only this device")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_stats)
-    p = tsub.add_parser("plot", help="PNG: reward, belief mean with its band, OOD score")
-    p.add_argument("--db", required=True, help="collector database")
+    p = tsub.add_parser("plot", help="PNG: reward, adaptation summary with its band, OOD score")
+    p.add_argument("--db", required=True, help=DB_HELP)
     p.add_argument("--device", required=True, help="device id")
     p.add_argument("--out", required=True, help="PNG path")
     p.set_defaults(handler=cmd_plot)
+    p = tsub.add_parser("export", help="one device's records as an MCAP file (Foxglove)")
+    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--format", choices=("mcap",), default="mcap", help="file format")
+    p.add_argument("--start", type=float, help="first device time to include (unix s)")
+    p.add_argument("--end", type=float, help="last device time to include (unix s)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("command", help="send a signed command to a device and wait for its ack")
     p.add_argument("device", help="device id")
@@ -95,6 +116,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     collector = Collector(
         _broker(args), args.db, fleet=args.fleet, share_group=args.share,
         client_id=args.client_id, session_expiry_s=args.session_expiry,
+        max_payload_bytes=args.max_payload,
     ).start()  # fmt: skip
     try:
         stop.wait(args.duration)
@@ -121,10 +143,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"devices": devices, "malformed": malformed}, indent=2))
         return 0
-    cols = ("received", "max_seq", "gaps", "duplicates_dropped", "online", "boots")
-    print(f"{'device':<24}" + "".join(f"{c:>20}" for c in cols))
+    cols = ("alg", "received", "max_seq", "gaps", "duplicates_dropped", "online", "boots")
+    print(f"{'device':<24}" + "".join(f"{c:>19}" for c in cols))
     for name, d in devices.items():
-        print(f"{name:<24}" + "".join(f"{d.get(c)!s:>20}" for c in cols))
+        print(f"{name:<24}" + "".join(f"{d.get(c)!s:>19}" for c in cols))
     print(f"malformed messages dropped: {malformed}")
     return 0
 
@@ -139,6 +161,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"wrote {args.out} ({n} telemetry records)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write one device's records (optionally a time range) into an MCAP file."""
+    from devices.telemetry.mcap_export import export_mcap
+
+    conn = _open_db(args.db)
+    try:
+        counts = export_mcap(conn, args.device, args.out, start=args.start, end=args.end)
+    finally:
+        conn.close()
+    print(json.dumps({"out": args.out, "messages": counts}))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard until interrupted."""
+    import os
+
+    from devices.telemetry.dashboard.server import TOKEN_ENV, check_access, serve
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_access(args.host, token)
+    _open_db(args.db).close()
+    serve(args.db, args.host, args.port, token, poll_s=args.poll)
     return 0
 
 
@@ -194,18 +242,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _open_db(path: str) -> Any:
-    import sqlite3
+    """A read-only connection to a collector database, or a one-line error."""
     from pathlib import Path
 
-    from devices.telemetry import collector_db
+    from devices.telemetry import database
     from runtime.errors import EdgeadaptError
 
-    if not Path(path).is_file():
+    if not database.is_url(path) and not Path(path).is_file():
         raise EdgeadaptError(f"no collector database at {path}")
-    conn = collector_db.connect(path, readonly=True)
+    conn = database.connect(path, readonly=True)
     try:
         conn.execute("SELECT COUNT(*) FROM records").fetchone()
-    except sqlite3.DatabaseError as exc:
+    except conn.errors() as exc:
         conn.close()
-        raise EdgeadaptError(f"{path} is not a collector database ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgeadaptError(
+            f"{database.describe(path)} is not a collector database ({reason})"
+        ) from None
     return conn
