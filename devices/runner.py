@@ -347,6 +347,8 @@ class FieldRunner:
             profile=self.profile.name,
             algorithm=m.algorithm,
             summary_names=tuple(m.adaptation.summary_names),
+            ood_warn=m.ood.warn,
+            ood_alarm=m.ood.alarm,
         )
         self.telemetry = TelemetryClient(self.opts.telemetry, birth, self._on_command).start()
 

@@ -80,6 +80,9 @@ class BirthInfo:
     algorithm: str = ""
     #: Names of the adaptation summary's entries (telemetry fields ``bm``/``bv``).
     summary_names: tuple[str, ...] = ()
+    #: The bundle's calibrated OOD thresholds (the dashboard draws them); None: unknown.
+    ood_warn: float | None = None
+    ood_alarm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +377,7 @@ class TelemetryClient:
             "runtime_version": b.runtime_version, "profile": b.profile,
             "first_seq": self.first_seq, "proto": cfg.protocol,
             "alg": b.algorithm, "summary": list(b.summary_names),
+            "ood": {"warn": b.ood_warn, "alarm": b.ood_alarm},
         }  # fmt: skip
         self._mqtt.publish(self._topics[Channel.BIRTH], birth_payload(info), qos=1, retain=True)
         online = state_payload("online", self.boot, self.boot_n, now, "connected")

@@ -333,7 +333,8 @@ def device_stats(conn: Database) -> dict[str, dict[str, Any]]:
         "FROM (SELECT DISTINCT device, seq FROM records) AS s) AS d WHERE step > 1 "
         "GROUP BY device"
     ):
-        out[device]["gap_ranges"] = holes
+        if device in out:  # a device first stored between the two queries (live ingest)
+            out[device]["gap_ranges"] = holes
     for device, etype, n in conn.execute("SELECT device, type, n FROM event_counts"):
         if device in out:
             out[device]["events"][etype] = n
