@@ -185,7 +185,9 @@ def fit_normalizers(agent: RL2Agent, cfg: RL2TrainConfig, rng: np.random.Generat
         res = env.step(physical_action(action, spec))
         rows.append((obs, res.reward, res.obs))
         obs = res.obs
-    o, r, o2 = (torch.from_numpy(np.concatenate(x).astype(np.float32)) for x in zip(*rows))
+    o, r, o2 = (
+        torch.from_numpy(np.concatenate(x).astype(np.float32)) for x in zip(*rows, strict=True)
+    )
     agent.set_normalizers(o, r, o2)
 
 
@@ -323,9 +325,7 @@ def ppo_losses(
     loss_v = 0.5 * (value - ret.flatten()).pow(2).mean()
     entropy = dist.entropy().mean()
     loss_aux = agent.aux_errors(batch.transition.flatten(0, 1), h).mean()
-    total = (
-        loss_pg - ppo.entropy_coef * entropy + ppo.value_coef * loss_v + ppo.aux_coef * loss_aux
-    )
+    total = loss_pg - ppo.entropy_coef * entropy + ppo.value_coef * loss_v + ppo.aux_coef * loss_aux
     with torch.no_grad():
         approx_kl = ((ratio - 1) - log_ratio).mean()
         clipfrac = ((ratio - 1).abs() > ppo.clip).float().mean()

@@ -40,7 +40,9 @@ class RL2ModelConfig(_Section):
 
 
 class PPOConfig(_Section):
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (linearly annealed to lr_final x)")
+    lr: float = Field(
+        1e-3, gt=0, description="Adam learning rate (linearly annealed to lr_final x)"
+    )
     lr_final: float = Field(
         0.1, ge=0, le=1, description="learning rate at the last iteration, as a fraction of lr"
     )
