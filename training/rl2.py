@@ -247,7 +247,7 @@ def collect_trials(state: TrainState, env: TaskFamily, tasks: np.ndarray) -> Tri
             )
             h = agent.absorb(transition, done, h)
             obs = torch.from_numpy(res.obs)
-    agent.update_err_scale(torch.cat(errors), cfg.ppo.err_momentum)
+    agent.update_surprise_scales(torch.cat(errors), cfg.ppo.err_momentum)
     state.env_steps += len(tasks) * length
     return TrialBatch(**{key: torch.stack([s[key] for s in steps], 1) for key in steps[0]})
 

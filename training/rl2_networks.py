@@ -17,9 +17,12 @@ on the bounds that its log-density ignores.)
 
 Surprise: an auxiliary head predicts the reward and the change of observation of transition t
 from (h_{t-1}, obs_t, action_t), i.e. *before* absorbing it. Surprise is its squared error per
-dimension divided by the mean squared error seen in training (``err_scale``, a buffer kept as
-a running average during training, exported with the module), averaged over dimensions: about
-1 on training-like tasks and large where the agent's model of the task is wrong.
+dimension divided by the mean squared error seen in training (``err_scale``, floored), averaged
+over dimensions and divided by that average's own training mean (``surprise_scale``), so its
+mean over training-like transitions is about 1 (dimensions predicted exactly contribute about
+0 before that last division) and it is large where the agent's model of the task is wrong.
+Both scales are buffers kept as running averages over fresh rollouts during training, so they
+are saved and exported with the module.
 
 State goes in and out (no hidden state is stored on a module). Shape suffixes: ``B`` batch,
 ``H`` hidden, ``O`` obs, ``A`` action, ``D`` transition width.
@@ -38,7 +41,10 @@ from training.networks import mlp
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 LOG_STD_MIN = -5.0
 LOG_STD_MAX = 1.0
-ERR_SCALE_FLOOR = 1e-3  # normalized squared error below which a dimension counts as exact
+# Normalized squared error (10 % of a std, squared) below which a dimension counts as exactly
+# predicted: smaller errors are float32 rounding of a near-perfect prediction, and dividing by
+# them would turn rounding into surprise (point-nav's position change is exact).
+ERR_SCALE_FLOOR = 1e-2
 
 
 class GRUCell(nn.Module):
@@ -144,6 +150,7 @@ class RL2Agent(nn.Module):
         self.register_buffer("rew_std", torch.ones(1))
         self.register_buffer("delta_std", torch.ones(obs_dim))
         self.register_buffer("err_scale", torch.ones(1 + obs_dim))
+        self.register_buffer("surprise_scale", torch.ones(1))
 
     # -- normalization --------------------------------------------------------------------
     def set_normalizers(
@@ -219,15 +226,21 @@ class RL2Agent(nn.Module):
         return (pred - target).pow(2)
 
     def surprise(self, transition_BD: torch.Tensor, h_BH: torch.Tensor) -> torch.Tensor:
-        """Mean over dimensions of squared error / training mean squared error, (B,); ~1 in
-        distribution."""
-        return (self.aux_errors(transition_BD, h_BH) / self.err_scale).mean(-1)
+        """How unexpected a transition is under ``h`` (before absorbing it), (B,); its mean over
+        training-like transitions is about 1."""
+        return self._per_dim_surprise(self.aux_errors(transition_BD, h_BH)) / self.surprise_scale
 
-    def update_err_scale(self, errors_ND: torch.Tensor, momentum: float) -> None:
-        """Running average of the per-dimension squared error (floored): surprise's scale."""
+    def _per_dim_surprise(self, errors_BD: torch.Tensor) -> torch.Tensor:
+        return (errors_BD / self.err_scale).mean(-1)
+
+    def update_surprise_scales(self, errors_ND: torch.Tensor, momentum: float) -> None:
+        """Running averages of the per-dimension squared error (floored) and of the resulting
+        per-dimension-normalized score: the two scales of :meth:`surprise`."""
         with torch.no_grad():
             new = errors_ND.mean(0).clamp_min(ERR_SCALE_FLOOR)
             self.err_scale.mul_(momentum).add_((1.0 - momentum) * new)
+            score = self._per_dim_surprise(errors_ND).mean().clamp_min(1e-6)
+            self.surprise_scale.mul_(momentum).add_((1.0 - momentum) * score)
 
     def initial_state(self, batch: int) -> torch.Tensor:
         """The declared initial hidden state (zeros), (B, H)."""
