@@ -40,6 +40,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "train": {"iterations": 2, "initial_episodes": 1, "tasks_per_iter": 4,
                   "updates_per_iter": 5, **LOOP},
     },
+    "rl2": {
+        "model": {"hidden_size": 16, "embed": [16], "head_hidden": [16]},
+        "ppo": {"epochs": 1, "minibatches": 2},
+        "train": {"iterations": 2, "trials_per_iter": 8, "episodes_per_trial": 2, **LOOP},
+    },
 }  # fmt: skip
 FAMILIES = sorted(TINY_CONFIGS)
 EXPORTABLE = [f for f in FAMILIES if entry_of(validate_run_config({"algo": f}, "x")).export_module]
@@ -124,7 +129,8 @@ def test_save_then_load_gives_the_trained_models_actions(algo, tmp_path_factory)
     """The in-memory networks at the end of training and the run loaded from disk act alike."""
     run_dir, state = trained(algo, tmp_path_factory)
     loaded = load_run(run_dir)
-    live = LoadedRun(run_dir, state.cfg, loaded.family, state.nets, {})
+    nets = entry_of(loaded.config).impl().nets_of(state)
+    live = LoadedRun(run_dir, loaded.config, loaded.family, nets, {})
     t = tasks()
     np.testing.assert_array_equal(
         rollout(policy_for(live), ENV, t, 2, seed=4).returns_TE,

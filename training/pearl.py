@@ -450,3 +450,8 @@ def policy_for(run: LoadedRun, adaptive: bool = True) -> PearlPolicy:
         run.nets, spec, policy_latent_dim(cfg, spec), cfg.model.prior_var, cfg.pearl.forget,
         stochastic=False, z_mode="mean", adaptive=adaptive,
     )  # fmt: skip
+
+
+def nets_of(state: TrainState) -> PearlNetworks:
+    """The networks of an in-memory training state."""
+    return state.nets

@@ -68,6 +68,10 @@ ALGORITHMS: dict[str, Algorithm] = {
         "oracle", "training.config:OracleConfig", "training.pearl", None, privileged=True,
         label="oracle",
     ),
+    "rl2": Algorithm(
+        "rl2", "training.rl2_config:RL2TrainConfig", "training.rl2_family", "export.rl2_export",
+        label="RL²",
+    ),
 }  # fmt: skip
 
 
