@@ -17,7 +17,6 @@ from onnx import numpy_helper
 
 from export.graphs import step_graph
 from runtime.bundle import read_manifest
-from runtime.posterior import initial_belief
 from runtime.tasks import make_family
 from training.networks import ContextEncoder, TanhGaussianActor
 
@@ -60,18 +59,39 @@ def step_module_from_bundle(bundle_dir: str | Path) -> torch.nn.Module:
 
 class TorchStepper:
     """Times the torch step (numpy in, numpy out, one thread) along a trajectory: the torch
-    analog of one runtime act + observe. Each :meth:`run` call continues where the last ended.
+    analog of one runtime act + observe, for any family (the declared state is fed back by
+    name, as the runtime does). Each :meth:`run` call continues where the last ended.
+
+    The step module comes from ``run_dir`` (the run's own networks) when given, else it is
+    rebuilt from the bundle's ONNX weights (PEARL bundles only).
     """
 
-    def __init__(self, bundle_dir: str | Path, traj: dict[str, np.ndarray], threads: int = 1):
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        traj: dict[str, np.ndarray],
+        threads: int = 1,
+        run_dir: str | Path | None = None,
+    ):
         torch.set_num_threads(threads)
-        self.module = step_module_from_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir)
-        pearl = manifest.adaptation
-        prior = initial_belief(1, pearl.latent_dim, pearl.prior_var, pearl.full_belief)
-        self.belief = (torch.from_numpy(prior[0]), torch.from_numpy(prior[1]))  # (a, b) inputs
-        forget = next(p.default for p in pearl.params if p.name == "forget")
-        self.forget = torch.full((1, 1), forget)
+        if run_dir is not None:
+            from export.family import family_export
+            from training.checkpoint import load_run
+
+            run = load_run(run_dir)
+            self.module = family_export(run).reference_modules(run)["step"]
+        elif manifest.algorithm == "pearl":
+            self.module = step_module_from_bundle(bundle_dir)
+        else:
+            raise ValueError(f"{manifest.algorithm} bundle: pass the run directory (--run)")
+        spec = manifest.graph("step")
+        self.inputs = [t.name for t in spec.inputs]
+        self.outputs = [t.name for t in spec.outputs]
+        ad = manifest.adaptation
+        self.state = {s.name: torch.from_numpy(s.initial()[None].copy()) for s in ad.state}
+        self.fixed = {p.name: torch.full((1, 1), p.default) for p in ad.params}
+        self.fixed["done"] = torch.zeros(1, 1)
         self.traj = traj
         self.pos = 0
         self.run(200)  # warm-up
@@ -86,9 +106,17 @@ class TorchStepper:
             j = (self.pos + i) % n
             t0 = time.perf_counter_ns()
             row = np.concatenate([traj["obs"][j], traj["act"][j], traj["rew"][j], traj["next"][j]])
-            obs = torch.from_numpy(traj["next"][j][None])
-            res = self.module(torch.from_numpy(row[None]), *self.belief, self.forget, obs)
-            action, self.belief = res[1].numpy(), (res[2], res[3])
+            feeds = {
+                "transition": torch.from_numpy(row[None]),
+                "obs": torch.from_numpy(traj["next"][j][None]),
+                **self.fixed,
+                **self.state,
+            }
+            res = dict(
+                zip(self.outputs, self.module(*(feeds[k] for k in self.inputs)), strict=True)
+            )
+            action = res["action_norm"].numpy()
+            self.state = {k: res[k + "_out"] for k in self.state}
             out[i] = time.perf_counter_ns() - t0
         self.pos += steps
         if not np.isfinite(action).all():

@@ -83,7 +83,7 @@ class AgentConfig:
     #: not absorbed (a glitch must not ruin the task), unless such transitions persist: the
     #: ``outlier_patience``-th in a row and those after it are absorbed (the world changed).
     #: None: absorb everything.
-    outlier_factor: float | None = 10.0
+    outlier_factor: float | None = 100.0
     outlier_patience: int = 3
     #: Step graph precision: "fp32" or "int8" (the bundle must contain the INT8 variant).
     precision: Literal["fp32", "int8"] = "fp32"
@@ -492,7 +492,9 @@ class Agent:
         self._count += rows
         self._skipped += ~rows
         finite_input = np.isfinite(self._tr).all(axis=1)
-        log.warning("step %d: %d transition(s) skipped", self._t, (~rows).sum())
+        # Debug, not warning: every skip is an event already, and a device fed garbage at
+        # 100 Hz must not flood its log.
+        log.debug("step %d: %d transition(s) skipped", self._t, (~rows).sum())
         for i in np.flatnonzero(~rows):
             self._emit(self._skip_event(int(i), bool(finite_input[i])))
         self._check_ood(rows)

@@ -42,6 +42,7 @@ def bench_runtime(
     profile: str | None = None,
     cold_runs: int = 3,
     rounds: int = 10,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Every number of ``bench runtime`` as one JSON-able dict.
 
@@ -56,7 +57,7 @@ def bench_runtime(
         name: agent_runner(Agent(manifest, bundle_dir, [CPU], cfg), traj)
         for name, cfg in tuning_variants(manifest).items()
     }
-    torch_run = torch_runner(bundle_dir, traj)
+    torch_run = torch_runner(bundle_dir, traj, run_dir)
     if torch_run is not None:
         runners["torch_eager"] = torch_run
     lat = interleaved(runners, steps, rounds)
@@ -64,6 +65,7 @@ def bench_runtime(
     out: dict[str, Any] = {
         "bundle": str(bundle_dir),
         "env": manifest.env,
+        "algorithm": manifest.algorithm,
         "step_us_median": _median(tuned),
         "step_us_p99": float(np.percentile(tuned, 99)),
         "steps": steps,
@@ -115,14 +117,17 @@ def agent_runner(agent: Agent, traj: dict[str, np.ndarray]) -> Runner:
     return run
 
 
-def torch_runner(bundle_dir: Path, traj: dict[str, np.ndarray]) -> Runner | None:
-    """The same step in torch eager (numpy in/out, one thread), when torch is installed."""
+def torch_runner(
+    bundle_dir: Path, traj: dict[str, np.ndarray], run_dir: str | Path | None = None
+) -> Runner | None:
+    """The same step in torch eager (numpy in/out, one thread), when torch is installed: the
+    run's own step module with ``run_dir``, else rebuilt from the bundle (PEARL)."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
         return None
     from export.torch_reference import TorchStepper
 
     try:
-        return TorchStepper(bundle_dir, traj).run
+        return TorchStepper(bundle_dir, traj, run_dir=run_dir).run
     except (KeyError, RuntimeError, ValueError) as exc:
         # The torch model is rebuilt from the graph's named weights; a bundle written by an
         # older exporter may not match. The ONNX figures stand on their own.

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--pubkey", help="verify the bundle signature with this key")
     p.add_argument("--steps", type=int, default=20_000, help="timed single-agent steps")
     p.add_argument("--cold-runs", type=int, default=3, help="fresh processes for cold start")
+    p.add_argument(
+        "--run", help="run directory: torch comparison on the run's own step module (any family)"
+    )
     p.set_defaults(handler=cmd_bench_runtime)
 
     p = bench.add_parser("belief", help="O(1) belief update vs naive recompute, 10..100k context")
@@ -44,7 +47,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
     from runtime.bench import bench_runtime
 
-    res = bench_runtime(args.bundle, args.steps, args.pubkey, args.profile, args.cold_runs)
+    res = bench_runtime(
+        args.bundle, args.steps, args.pubkey, args.profile, args.cold_runs, run_dir=args.run
+    )
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
