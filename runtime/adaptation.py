@@ -18,7 +18,8 @@ signatures that the runtime pairs by name:
 ``done`` (1.0 at the last transition of an episode) is fed when the step graph declares it;
 ``params`` are per-agent knobs with a default and bounds (PEARL's forgetting factor).
 Nothing in the runtime's safety shell (:mod:`runtime.agent`) looks at ``algorithm``: a new
-family adds one class here and the runtime runs it.
+family declares its state in a :class:`GenericAdaptation` and the runtime runs it; a class of
+its own here is only needed for family-specific manifest fields or telemetry summary.
 
 This module runs on the device: numpy and pydantic only.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 #: Step-graph inputs that are not state or params (the runtime fills them).
 STEP_DATA_INPUTS = ("transition", "obs", "done")
@@ -189,7 +190,29 @@ class RL2Adaptation(_Adaptation):
         return Summary(proj, np.zeros((b, 0), np.float32), np.full(b, np.nan, np.float32))
 
 
-Adaptation = Annotated[PearlAdaptation | RL2Adaptation, Field(discriminator="algorithm")]
+class GenericAdaptation(_Adaptation):
+    """Any other family: the contract's common fields, plus ``info`` for the family's own
+    constants. A new family needs no runtime code: its summary is the first entries of its
+    first state tensor unless it adds a class of its own here."""
+
+    algorithm: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    info: dict[str, float | int | str | bool | list[float]] = Field(default_factory=dict)
+
+
+_KNOWN = {"pearl", "rl2"}
+
+
+def _family_tag(value: object) -> str:
+    algo = value.get("algorithm") if isinstance(value, dict) else getattr(value, "algorithm", "")
+    return algo if algo in _KNOWN else "generic"
+
+
+Adaptation = Annotated[
+    Annotated[PearlAdaptation, Tag("pearl")]
+    | Annotated[RL2Adaptation, Tag("rl2")]
+    | Annotated[GenericAdaptation, Tag("generic")],
+    Discriminator(_family_tag),
+]
 
 
 def check_graph_signatures(

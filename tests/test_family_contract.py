@@ -173,3 +173,25 @@ def test_the_bundle_declares_its_state_and_the_runtime_pairs_it_by_name(algo, tm
     for spec in declared:
         np.testing.assert_array_equal(agent.state[spec.name][0], spec.initial())
     assert agent.summary.algorithm == algo
+
+
+def test_an_unknown_family_runs_through_the_generic_declaration(tmp_path_factory, tmp_path):
+    """A family the runtime has never heard of: only the declaration changes (algorithm name,
+    state), and the shell runs it: the RL² graphs relabelled as "my-memory"."""
+    import json
+    import shutil
+
+    from runtime.bundle import read_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_of("rl2", tmp_path_factory), copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    ad = data["adaptation"]
+    data["adaptation"] = {"algorithm": "my-memory", "state": ad["state"], "info": {"k": 1}}
+    (copy / "manifest.json").write_text(json.dumps(data))
+    manifest = read_manifest(copy)
+    agent = Agent(manifest, copy, config=AgentConfig(warmup=1))
+    ret = rollout(agent, ENV, tasks(), 2, seed=6).returns_TE
+    ref = rollout(Agent.load(bundle_of("rl2", tmp_path_factory)), ENV, tasks(), 2, seed=6)
+    np.testing.assert_array_equal(ret, ref.returns_TE)
+    assert agent.summary.algorithm == "my-memory" and agent.summary.mean.shape == (4, 8)
