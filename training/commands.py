@@ -181,11 +181,12 @@ def cmd_bench_training(args: argparse.Namespace) -> int:
 
     config = Path(args.config)
     main_cfg = load_train_config(config, list(args.set))
-    oracle_config = Path(
-        args.oracle_config
-        or main_cfg.eval.oracle_config
-        or config.with_name(config.stem + "-oracle.yaml")
-    )
+    if args.oracle_config:
+        oracle_config = Path(args.oracle_config)
+    elif main_cfg.eval.oracle_config:  # relative to the config file that names it
+        oracle_config = config.parent / main_cfg.eval.oracle_config
+    else:
+        oracle_config = config.with_name(config.stem + "-oracle.yaml")
     out = Path(args.out)
     algo = main_cfg.algo
     result: dict = {"config": str(config), "algo": algo}
