@@ -51,3 +51,18 @@ def test_demo_telemetry_arrived_complete(demo_out: Path) -> None:
         st = devices[name]
         assert st["gaps"] == 0
         assert st["received"] >= flight["steps"], name
+
+
+def test_demo_runs_the_rl2_family_end_to_end(tmp_path: Path) -> None:
+    """`demo --algo rl2`: the same pipeline and report for another family (family-neutral)."""
+    require_mosquitto()
+    out = tmp_path / "rl2"
+    cmd = [sys.executable, "-m", "runtime.cli", "demo", "--quick", "--algo", "rl2", "--out",
+           str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=480)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "edgeadapt demo: rl2 on drone-wind" in res.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["algo"] == "rl2" and s["train_rl2"]["env_steps"] > 0
+    assert all(st["gaps"] == 0 for st in s["telemetry"]["devices"].values())
+    assert (out / "belief_vs_wind.png").read_bytes()[:4] == b"\x89PNG"

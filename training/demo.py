@@ -140,7 +140,7 @@ def run_demo(
         with Stage(5, "evaluate the bundle on unseen winds (adaptive / non-adaptive / oracle)"):
             summary["unseen_winds"] = evaluate_unseen(bundle, runs["oracle"], seed)
         with Stage(6, "fly: unseen wind, OOD storm, mid-flight wind change"):
-            flights = fly_scenarios(root, fleet, seed)
+            flights = fly_scenarios(root, fleet, seed, bundle)
     finally:
         summary["telemetry"].update(fleet.stop())
     with Stage(7, "write the report"):
@@ -296,14 +296,18 @@ def evaluate_unseen(bundle: Path, oracle_run: Path, seed: int) -> dict[str, Any]
     return evaluate_bundle(bundle, "test", tasks, episodes, seed, oracle).to_dict()
 
 
-def fly_scenarios(root: Path, fleet: Fleet, seed: int) -> dict[str, Any]:
+def fly_scenarios(root: Path, fleet: Fleet, seed: int, bundle: Path) -> dict[str, Any]:
     """Three flights on the flashed device, each reporting telemetry through the outbox."""
     import numpy as np
 
     from devices.runner import FieldRunner, RunnerOptions
+    from runtime.bundle import read_manifest
     from runtime.tasks import make_family
 
     env = make_family(ENV)
+    params = {p.name for p in read_manifest(bundle).adaptation.params}
+    # A family with a forgetting factor tracks the change with it; others (RL²) by their state.
+    tracking = {"forget": 0.9} if "forget" in params else {}
     rng = np.random.default_rng(seed + 100)
     calm = env.sample_tasks("test", 1, rng)[0]
     # Mid-flight the horizontal wind swings to 4 m/s from the other side (the identifiable
@@ -318,7 +322,7 @@ def fly_scenarios(root: Path, fleet: Fleet, seed: int) -> dict[str, Any]:
         "ood_storm": dict(task=storm, episodes=2, split="ood"),
         "wind_change": dict(
             task=calm, episodes=3, change_at=horizon + horizon // 2, change_task=shifted,
-            forget=0.9,
+            **tracking,
         ),
     }  # fmt: skip
     traces = {}

@@ -66,7 +66,10 @@ def write_report(
 def _estimate(tr: Any, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a = tr.arrays()
     est = a["belief_mean"] @ w.T + b
-    std = np.sqrt(np.einsum("kz,tz,kz->tk", w, a["belief_var"], w))
+    var = a["belief_var"]
+    if var.shape[-1] != w.shape[-1]:  # a family without a spread (RL²): no band
+        return est, np.full_like(est, np.nan)
+    std = np.sqrt(np.einsum("kz,tz,kz->tk", w, var, w))
     return est, std
 
 
