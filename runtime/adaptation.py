@@ -26,7 +26,9 @@ This module runs on the device: numpy and pydantic only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -49,8 +51,10 @@ class StateSpec(_Strict):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     shape: list[int] = Field(description="per-agent shape, e.g. [5] or [5, 5]")
-    init: float | list[float] = Field(
-        description="initial value: one fill value, or every entry of one agent's state (row-major)"
+    init: float | list[float] | str = Field(
+        description="initial value: one fill value, every entry of one agent's state "
+        "(row-major), or the name of a float32 .npy file in the bundle (large states: MAML's "
+        "meta-learned weights)"
     )
 
     @model_validator(mode="after")
@@ -62,10 +66,15 @@ class StateSpec(_Strict):
                 f"state {self.name!r}: init has {len(self.init)} values, shape {self.shape} "
                 f"needs {int(np.prod(self.shape))}"
             )
+        if isinstance(self.init, str) and not re.fullmatch(r"[\w.-]+\.npy", self.init):
+            raise ValueError(f"state {self.name!r}: init file {self.init!r} is not a .npy name")
         return self
 
-    def initial(self) -> np.ndarray:
-        """One agent's initial state, float32, of shape ``shape``."""
+    def initial(self, bundle_dir: Path | None = None) -> np.ndarray:
+        """One agent's initial state, float32, of shape ``shape`` (an init file is read from
+        ``bundle_dir``; the manifest's hashes cover it)."""
+        if isinstance(self.init, str):
+            return _load_init(Path(bundle_dir or "."), self.init, self.name, self.shape)
         if isinstance(self.init, list):
             return np.asarray(self.init, dtype=np.float32).reshape(self.shape)
         return np.full(self.shape, self.init, dtype=np.float32)
@@ -103,11 +112,51 @@ class Summary:
     entropy: np.ndarray  # (B,)
 
 
+class BufferField(_Strict):
+    """One per-step quantity the runtime keeps in the episode buffer: a part of the transition
+    (``obs``, ``action``, ``reward``, ``next_obs``) or an output of the graph call that chose
+    the action (``output:<name>``, e.g. MAML's raw Gaussian sample)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="the adapt graph's input")
+    source: str = Field(pattern=r"^(obs|action|reward|next_obs|output:[a-z][a-z0-9_]*)$")
+
+
+class EpisodicSpec(_Strict):
+    """Adaptation between episodes (MAML's inner gradient step). The runtime buffers each
+    step of the current episodes in fixed slots (``episode * horizon + t``), and after every
+    ``every_episodes`` episodes, up to ``max_adaptations`` times per task, runs ``graph`` on
+    (state, buffer fields, ``mask``, params) -> ``<state>_out``, ``ok`` and statistics (events).
+    Rows whose ``ok`` is False keep their state."""
+
+    graph: str = "adapt"
+    horizon: int = Field(ge=1, description="slots per episode")
+    every_episodes: int = Field(ge=1)
+    max_adaptations: int = Field(ge=0)
+    fields: list[BufferField] = Field(min_length=1)
+    mask: str = "mask"
+    ok: str = "ok"
+
+    @property
+    def capacity(self) -> int:
+        return self.horizon * self.every_episodes
+
+
+class NoiseSpec(_Strict):
+    """A standard-normal input the runtime draws for every chosen action (exploration of a
+    stochastic policy), from its own seeded generator; zeros once the task's episodic
+    adaptations are done (the adapted policy flies its mean)."""
+
+    input: str = "noise"
+    dim: int = Field(ge=1)
+
+
 class _Adaptation(_Strict):
     """Fields every family declares."""
 
     state: list[StateSpec] = Field(min_length=1)
     params: list[ParamSpec] = Field(default_factory=list)
+    episodic: EpisodicSpec | None = None
+    noise: NoiseSpec | None = None
     #: Names of the ``summary`` vector's entries (for plots and the dashboard).
     summary_names: list[str] = Field(default_factory=list)
 
@@ -199,7 +248,7 @@ class GenericAdaptation(_Adaptation):
     info: dict[str, float | int | str | bool | list[float]] = Field(default_factory=dict)
 
 
-_KNOWN = {"pearl", "rl2"}
+_KNOWN = {"pearl", "rl2"}  # MAML runs as a GenericAdaptation with episodic + noise
 
 
 def _family_tag(value: object) -> str:
@@ -225,22 +274,42 @@ def check_graph_signatures(
     """
     states = [s.name for s in adaptation.state]
     params = [p.name for p in adaptation.params]
+    noise = {adaptation.noise.input} if adaptation.noise else set()
     problems = []
     for name, (ins, outs) in graphs.items():
         if name.startswith("step"):
             need_in = {"transition", "obs", *states, *params}
-            allowed_in = need_in | {"done"}
+            allowed_in = need_in | {"done"} | noise
             need_out = {*STEP_OUTPUTS, *(s + STATE_OUT_SUFFIX for s in states)}
         elif name == "act":  # the state it needs (the exporter drops unused inputs)
-            need_in, allowed_in = {"obs"}, {"obs", *states}
+            need_in, allowed_in = {"obs"}, {"obs", *states} | noise
             need_out = set(ACT_OUTPUTS)
+        elif adaptation.episodic is not None and name == adaptation.episodic.graph:
+            ep = adaptation.episodic
+            allowed_in = {*states, *params, ep.mask, *(f.name for f in ep.fields)}
+            need_in = {ep.mask, *(f.name for f in ep.fields)}
+            need_out = {ep.ok} | ({s + STATE_OUT_SUFFIX for s in states} & set(outs))
+            if not need_out - {ep.ok}:
+                problems.append(f"graph {name!r} updates no declared state")
         else:
             continue
         if not need_in <= set(ins) or not set(ins) <= allowed_in:
             problems.append(f"graph {name!r} has inputs {ins}; the declaration needs {need_in}")
         if not need_out <= set(outs):
             problems.append(f"graph {name!r} has outputs {outs}; it needs {sorted(need_out)}")
-    for required in ("step", "act"):
-        if required not in graphs:
-            problems.append(f"no {required!r} graph")
+    required = ["step", "act"] + ([adaptation.episodic.graph] if adaptation.episodic else [])
+    problems += [f"no {name!r} graph" for name in required if name not in graphs]
     return problems
+
+
+def _load_init(bundle_dir: Path, file: str, name: str, shape: list[int]) -> np.ndarray:
+    """A state's initial value from a .npy file of the bundle (no pickles)."""
+    from runtime.errors import BundleError
+
+    try:
+        arr = np.load(bundle_dir / file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"{bundle_dir / file}: unreadable initial state ({exc})") from None
+    if arr.size != int(np.prod(shape)):
+        raise BundleError(f"{file}: {arr.size} values for state {name!r} of shape {shape}")
+    return arr.astype(np.float32).reshape(shape)

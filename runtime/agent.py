@@ -44,6 +44,7 @@ import numpy as np
 
 from runtime.adaptation import STATE_OUT_SUFFIX
 from runtime.bundle import Manifest, load_verified
+from runtime.episodic import EpisodeBuffer, ExplorationNoise
 from runtime.errors import EdgeadaptError
 from runtime.ood import Event, OODMonitor
 from runtime.providers import SessionTuning
@@ -96,6 +97,8 @@ class AgentConfig:
     warmup: int = 20
     #: Events kept for :meth:`Agent.drain_events` (oldest dropped first).
     max_events: int = 1024
+    #: Seed of the exploration noise of stochastic families (MAML), restarted at every task.
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,14 @@ class Agent:
         self._outlier = float("inf") if f is None else float(f) * float(manifest.ood.alarm)
         self.events: collections.deque[Event] = collections.deque(maxlen=self.config.max_events)
         self.on_event: Callable[[Event], None] | None = None
+        ad = self.adaptation
+        self._noise = ExplorationNoise(ad.noise, self.config.seed) if ad.noise else None
+        self._episodes = None
+        if ad.episodic is not None and self.config.adaptive:
+            self._episodes = EpisodeBuffer(
+                ad.episodic, manifest, self.bundle_dir, self.providers, self._obs_dim,
+                self._act_dim,
+            )  # fmt: skip
         self.batch = 0
         self.reset(1)
         self._warm_up()
@@ -231,6 +242,11 @@ class Agent:
         self._hit = False  # the last act() was served from the step outputs
         self._prev_obs: np.ndarray | None = None  # for step()
         self._t = 0
+        self._last_out: dict[str, np.ndarray] = {}  # outputs that came with the last action
+        if self._episodes is not None:
+            self._episodes.reset(batch)
+        if self._noise is not None:
+            self._noise.reset()
         ood = self.manifest.ood
         self.monitor = OODMonitor(ood.warn, ood.alarm, batch, self.config.changepoint_patience)
         self._ood_raised = False
@@ -244,6 +260,9 @@ class Agent:
         self._hit = key is not None and arr.dtype == np.float32 and arr.tobytes() == key
         # a hit: the step that absorbed the transition already computed this action
         norm = self._out_norm.copy() if self._hit else self._act_fresh(arr)
+        if self._extras:
+            outs = self.session.outputs if self._hit else self.act_session.outputs
+            self._last_out = {k: outs[k].copy() for k in self._extras}
         self._last_norm = norm
         return norm[0].copy() if arr.ndim == 1 else norm.copy()
 
@@ -271,6 +290,10 @@ class Agent:
         self._cache_key = None
         if not self.config.adaptive:
             return
+        if self._episodes is not None:
+            self._record_step()
+        if self._noise is not None:  # the step graph's action is for next_obs: none after done
+            self._noise.fill(self._noise_in, self._exploring and not np.any(done))
         if self._sanitize:
             self._run_sanitized()
         else:
@@ -280,8 +303,10 @@ class Agent:
             ok = updated[0] and self._in_bounds_1() and self._out_surprise[0] <= self._outlier
             if ok and not self._outliers[0]:
                 self._accept_all()
+                self._maybe_end_episode(done)
                 return
         self._accept_some(self._usable(updated.copy()))
+        self._maybe_end_episode(done)
 
     # -- device conveniences -----------------------------------------------------------------
     def act_scaled(self, obs: np.ndarray) -> np.ndarray:
@@ -420,7 +445,7 @@ class Agent:
                 ins[s.name],
                 outs[s.name + STATE_OUT_SUFFIX],
                 act_ins.get(s.name),
-                s.initial(),
+                s.initial(self.bundle_dir),
             )
             for s in self.adaptation.state
         ]
@@ -428,6 +453,13 @@ class Agent:
         self._out_act, self._out_surprise = outs["action"], outs["surprise"]
         self._p_obs = act_ins["obs"]
         self._p_norm = self.act_session.outputs["action_norm"]
+        noise = self.adaptation.noise
+        self._noise_in = ins.get(noise.input) if noise else None
+        self._p_noise = act_ins.get(noise.input) if noise else None
+        ep = self.adaptation.episodic
+        self._extras = [
+            f.source.split(":", 1)[1] for f in (ep.fields if ep else []) if ":" in f.source
+        ]
 
     def _run_sanitized(self) -> None:
         finite = np.isfinite(self._tr).all(axis=1)
@@ -535,6 +567,8 @@ class Agent:
         for slot in self._slots:
             if slot.act_in is not None:
                 slot.act_in[...] = slot.step_in
+        if self._noise is not None:
+            self._noise.fill(self._p_noise, self._exploring)
         self.act_session.run()
         norm = self._p_norm.copy()
         usable = good  # rows whose output is the policy at a real observation
@@ -605,6 +639,31 @@ class Agent:
             return arr.reshape(self.batch)
         with np.errstate(over="ignore"):  # beyond float32 range becomes inf: refused
             return arr.reshape(self.batch).astype(np.float32)
+
+    @property
+    def _exploring(self) -> bool:
+        """Stochastic families sample while episodic adaptations remain in the task."""
+        return self._episodes.exploring if self._episodes is not None else False
+
+    def _record_step(self) -> None:
+        """Put the transition (and what came with its action) in the episode buffer."""
+        o, a = self._obs_dim, self._act_dim
+        values = {
+            "obs": self._v_obs, "action": self._v_act, "reward": self._v_rew,
+            "next_obs": self._v_next,
+            **{f"output:{k}": self._last_out.get(k, np.zeros((self.batch, a), np.float32))
+               for k in self._extras},
+        }  # fmt: skip
+        row_ok = np.isfinite(self._tr).all(axis=1) & self._in_bounds(self._tr[:, :o])
+        self._episodes.record(values, row_ok.astype(np.float32))
+
+    def _maybe_end_episode(self, done: bool | np.ndarray) -> None:
+        eps = self._episodes
+        if eps is None or not eps.episode_over(bool(np.any(done))):
+            return
+        state = {slot.name: slot.step_in for slot in self._slots}
+        if eps.end_episode(state, self.param_values, self._emit, self._t):
+            self._cache_key = None  # the cached action was for the old weights
 
     def _warm_up(self) -> None:
         for _ in range(self.config.warmup):

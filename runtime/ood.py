@@ -30,6 +30,8 @@ EventKind = Literal[
     "ood_alarm",
     "ood_clear",
     "changepoint_reset",  # adaptation state reset to its initial value after a sustained alarm
+    "adapted",  # an episodic adaptation (MAML's inner step) updated the state; detail: its stats
+    "adapt_rejected",  # an episodic adaptation was not finite: the old state is kept
 ]
 
 
