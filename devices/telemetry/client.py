@@ -362,11 +362,13 @@ class TelemetryClient:
             self._publish_birth(now)
         self._handle_commands(_drain(self._inbox), now)
         stored_upto = self._store_queued(force=not publish)
-        self._housekeeping(_drain(self._acks), now)  # the bound sees the rows just stored
-        if stored_upto is not None:
-            self._committed_upto = stored_upto
-        if publish and self._connected:
-            self._publish_due(now)
+        try:
+            self._housekeeping(_drain(self._acks), now)  # the bound sees the rows just stored
+        finally:  # stored rows keep flowing even while deletes fail
+            if publish and self._connected:
+                self._publish_due(now)
+            if stored_upto is not None:
+                self._committed_upto = stored_upto
 
     def _housekeeping(self, acks: list[tuple[int, bool]], now: float) -> None:
         """One transaction: delete acknowledged rows, size bound, TTL, drop reports.
