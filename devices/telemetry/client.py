@@ -76,7 +76,7 @@ KIND_CHANNEL = {
 }
 MAX_COMMAND_BYTES = 16_384
 POLICY_PERIOD_S = 1.0
-#: Rows per insert transaction: bounds the WAL growth of one commit after an outage.
+#: Rows per insert or delete transaction: bounds the WAL growth of one commit.
 INSERT_CHUNK = 500
 
 
@@ -111,6 +111,7 @@ class ClientStats:
     unstored: int = 0  # records encoded but waiting for disk space (RAM)
     ram_dropped: int = 0  # records dropped from RAM while the disk was full
     store_failures: int = 0  # insert attempts refused (no headroom) or failed (disk full)
+    unstored_at_close: int = 0  # records still without disk space at close (reported dropped)
 
 
 class TelemetryClient:
@@ -170,7 +171,7 @@ class TelemetryClient:
         self._store_retry_at = 0.0  # monotonic time of the next insert attempt after a failure
         self._counters = dict.fromkeys(
             ("published", "acked", "rejected", "dropped", "cmd_ok", "cmd_rejected", "errors",
-             "ram_dropped", "store_failures"),
+             "ram_dropped", "store_failures", "unstored_at_close"),
             0,
         )  # fmt: skip
 
@@ -284,6 +285,7 @@ class TelemetryClient:
             commands_accepted=c["cmd_ok"], commands_rejected=c["cmd_rejected"],
             worker_errors=c["errors"], unstored=len(self._unstored),
             ram_dropped=c["ram_dropped"], store_failures=c["store_failures"],
+            unstored_at_close=c["unstored_at_close"],
         )  # fmt: skip
 
     @property
@@ -383,7 +385,7 @@ class TelemetryClient:
         self._store.begin()
         try:
             self._store.merge_dropped("ram", self._ram_drops)
-            self._delete_acked()
+            settled = self._delete_acked()
             self._apply_policy(now)
             if self._connected:
                 events = self._report_drops(now)
@@ -393,7 +395,7 @@ class TelemetryClient:
             self._counters, self._drops_pending, self._last_policy, self._last_report = saved
             raise
         self._ram_drops = DropReport()
-        self._unacked_deletes.clear()
+        del self._unacked_deletes[:settled]
         for event in events:
             self._queue.put(RecordKind.EVENT, now, event)
 
@@ -412,6 +414,8 @@ class TelemetryClient:
         while self._unstored:
             chunk = [self._unstored[i] for i in range(min(INSERT_CHUNK, len(self._unstored)))]
             if not self._insert(chunk):
+                if not self._counters["store_failures"] or self._store_retry_at == 0:
+                    log.warning("outbox %s: disk full; records wait in RAM", self._store.path)
                 self._counters["store_failures"] += 1
                 self._store_retry_at = time.monotonic() + self.config.store_retry_s
                 self._reserve_unstored()
@@ -419,11 +423,14 @@ class TelemetryClient:
             for _ in chunk:
                 self._unstored.popleft()
             stored_upto = chunk[-1].seq
+        if self._store_retry_at:
+            log.info("outbox %s: storing again", self._store.path)
+            self._store_retry_at = 0.0
         return stored_upto
 
     def _insert(self, rows: list[OutboxRow]) -> bool:
         """Insert rows in one transaction; False (rolled back) when the disk has no room."""
-        if not self._store.has_room():
+        if not self._store.has_room(rows):
             return False
         self._store.begin()
         try:
@@ -431,7 +438,7 @@ class TelemetryClient:
             self._store.commit()
         except sqlite3.OperationalError as exc:  # SQLITE_FULL, I/O errors
             self._store.rollback()
-            log.warning("outbox insert failed (%s); records wait in RAM", exc)
+            log.debug("outbox insert failed (%s)", exc)
             return False
         except BaseException:
             self._store.rollback()
@@ -476,6 +483,8 @@ class TelemetryClient:
         if not self._unstored:
             return
         seqs = [row.seq for row in self._unstored]
+        self._counters["unstored_at_close"] += len(seqs)
+        self._counters["dropped"] += len(seqs)
         log.error("closing with %d records that could not be stored (disk full)", len(seqs))
         with contextlib.suppress(sqlite3.OperationalError):
             self._store.begin()
@@ -529,9 +538,16 @@ class TelemetryClient:
                 log.error("broker refused seq %d..%d (not authorized?); dropped", *span)
             self._unacked_deletes.append(span)
 
-    def _delete_acked(self) -> None:
-        for first, last in self._unacked_deletes:
+    def _delete_acked(self) -> int:
+        """Delete acknowledged spans, about ``INSERT_CHUNK`` rows per transaction (each
+        deleted row costs WAL space, which is scarce on a full disk); returns spans done."""
+        rows = 0
+        for i, (first, last) in enumerate(self._unacked_deletes):
+            if rows >= INSERT_CHUNK:
+                return i
             self._counters["acked"] += self._store.delete_range(first, last)
+            rows += last - first + 1
+        return len(self._unacked_deletes)
 
     def _apply_policy(self, now: float) -> None:
         cfg = self.config

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PAGE_BYTES = 4096  # SQLite's default page size
+ROW_OVERHEAD_BYTES = 48  # seq, kind, boot id, time and cell header of one row, about
 #: Largest WAL (pages) between automatic checkpoints, SQLite's default.
 MAX_WAL_PAGES = 1000
 
@@ -168,6 +169,9 @@ class OutboxStore:
         if min_free_bytes:
             wal_pages = max(8, min(MAX_WAL_PAGES, min_free_bytes // 4 // PAGE_BYTES))
         conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+        # Debian builds zero deleted content, rewriting every freed page into the WAL; FAST
+        # only zeroes what is written anyway, so deleting needs little space on a full disk.
+        conn.execute("PRAGMA secure_delete=FAST")
         conn.executescript(SCHEMA)
         store = cls(conn, path, min_free_bytes)
         version = store.get_meta("schema_version")
@@ -197,11 +201,14 @@ class OutboxStore:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
-    def has_room(self) -> bool:
-        """Whether new rows may be inserted: the filesystem has ``min_free_bytes`` free.
+    def has_room(self, rows: list[OutboxRow]) -> bool:
+        """Whether ``rows`` may be inserted and still leave ``min_free_bytes`` free.
 
-        The headroom keeps the space SQLite needs to delete rows and checkpoint its WAL, so
-        acknowledged rows can still be deleted (and their pages reused) when the disk is full.
+        Pages freed by deleted rows (SQLite's freelist) are reused before the file grows, so
+        only the growth beyond them counts. The headroom keeps the space SQLite needs to delete
+        rows and checkpoint its WAL, so acknowledged rows can still be deleted when the disk is
+        full, and the space they free is used again. Rows that fit in freed pages only need
+        twice their size free (WAL frames now, room for a delete later).
         """
         if not self.min_free_bytes:
             return True
@@ -209,11 +216,17 @@ class OutboxStore:
             st = os.statvfs(self.path.parent)
         except OSError:
             return True  # unknown: let SQLite report a real failure
-        return st.f_bavail * st.f_frsize >= self.min_free_bytes
+        free_pages = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        need = sum(len(r.body) + ROW_OVERHEAD_BYTES for r in rows) * 5 // 4  # B-tree slack
+        growth = max(0, need - free_pages * PAGE_BYTES)
+        free = st.f_bavail * st.f_frsize
+        if growth == 0:  # only the WAL may grow, by about the rows' size
+            return free >= min(self.min_free_bytes, 2 * need)
+        return free - growth >= self.min_free_bytes
 
     # --- sequence numbers and boots ------------------------------------------------------
     def next_seq(self) -> int:
-        """First sequence number for a new process: above everything ever committed."""
+        """First sequence number for a new process: above everything ever used or committed."""
         stored = int(self.get_meta("next_seq") or 1)
         top = self._db.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
         return max(stored, (top or 0) + 1)
