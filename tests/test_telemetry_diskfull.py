@@ -91,7 +91,7 @@ def test_full_disk_bounded_ram_reported_drops_no_reused_seqs(
     assert ready2["first_seq"] == done1["last_seq"] + 1 == 12_001
     # boot 2 started on a full disk and still drained everything (old rows deleted, new stored)
     assert done2["drained"] and done2["stored"] == 0 and done2["unstored"] == 0, (done1, done2)
-    assert done2["store_failures"] > 0, "boot 2 started with the disk full"
+    assert done2["published_records"] >= done1["stored"] + 3000, "boot 1's rows, then its own"
     last = done2["last_seq"]
     db = collector.db_path
     wait_for(lambda: stats(db).get(DEVICE, {}).get("max_seq") == last, 20, "every record")
