@@ -69,6 +69,7 @@ from runtime.bundle import (
     verify_bundle,
 )
 from runtime.errors import EdgeadaptError
+from runtime.graphio import graph_io_problems
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,9 @@ def _verify_source(src: Path, key: Path | None) -> Manifest:
     reasons = [r for r in report.reasons if r != too_new]
     if reasons or report.manifest is None:
         raise _Refused("verify", "bundle refused: " + "; ".join(reasons))
+    io_problems = graph_io_problems(src, report.manifest)
+    if io_problems:
+        raise _Refused("verify", "bundle refused: " + "; ".join(io_problems))
     return report.manifest
 
 

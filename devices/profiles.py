@@ -1,8 +1,11 @@
 """Device profiles: what a target can run and the budgets a bundle must meet on it.
 
 A profile is a YAML file in ``configs/devices/`` (files starting with ``_`` are bases that others
-``extends``), validated into :class:`DeviceProfile`. Unknown keys and wrong types fail at load
-time with the file and the key. :func:`check_budget` compares a measured step latency and memory
+``extends``). The files live in the package (``devices/profile_data/``, shipped as package data,
+so a plain ``pip install edgeadapt`` on a device has them); ``configs/devices`` in a checkout is
+a symbolic link to that directory, the place to edit them. Each is validated into
+:class:`DeviceProfile`; unknown keys and wrong types fail at load time with the file and the
+key. :func:`check_budget` compares a measured step latency and memory
 against a profile; export, ``bench runtime --profile`` and the flashing health gate use it.
 """
 
@@ -16,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from runtime.configio import load_config
 from runtime.errors import UnknownNameError
 
-#: Where the built-in profiles live (``configs/devices`` at the repository root).
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "devices"
+#: Where the built-in profiles live (package data; ``configs/devices`` in a checkout links here).
+PROFILE_DIR = Path(__file__).resolve().parent / "profile_data"
 
 Architecture = Literal["x86_64", "aarch64"]
 Precision = Literal["fp32", "fp16", "int8"]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import Manifest, verify_bundle
+from runtime.graphio import graph_io_problems
 from runtime.providers import CPU
 from runtime.selftest import DEFAULT_TOLERANCE, compare_outputs, load_test_vectors, max_rel_err
 from runtime.session import GraphSession
@@ -69,6 +70,11 @@ def verify(
         return res  # files cannot be trusted: do not load them
     manifest = rep.manifest
     res.onnx_checker = _onnx_checker(bundle_dir, manifest, res.reasons)
+    io_problems = graph_io_problems(bundle_dir, manifest)
+    res.reasons += io_problems
+    if io_problems:  # the graphs cannot be fed what the manifest describes
+        res.ok = False
+        return res
     res.test_vectors = _test_vectors(bundle_dir, manifest, res.reasons)
     if run_dir is not None:
         res.parity = parity_check(bundle_dir, manifest, Path(run_dir), random_rows)
@@ -210,6 +216,13 @@ def _test_vectors(bundle_dir: Path, manifest: Manifest, reasons: list[str]) -> d
     out = {}
     for graph in (g for g in manifest.graphs if g.startswith("step")):
         spec = manifest.graph(graph)
+        keys = [f"in/{t.name}" for t in spec.inputs] + [
+            f"out/{graph}/{t.name}" for t in spec.outputs
+        ]
+        missing = [k for k in keys if k not in vectors]
+        if missing:
+            reasons.append(f"test vectors {graph}: missing {', '.join(missing)}")
+            continue
         inputs = {t.name: vectors[f"in/{t.name}"] for t in spec.inputs}
         expected = {t.name: vectors[f"out/{graph}/{t.name}"] for t in spec.outputs}
         session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])

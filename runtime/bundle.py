@@ -234,7 +234,9 @@ def parse_manifest(raw: bytes, source: str = MANIFEST_FILE) -> Manifest:
     """Validate manifest bytes; unknown schema versions are refused before field checks."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise BundleError(f"{source}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise BundleError(f"{source}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BundleError(f"{source}: expected a JSON object")

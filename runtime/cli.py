@@ -29,6 +29,17 @@ COMMAND_MODULES = (
 
 OWN_LOGGERS = ("runtime", "training", "export", "devices")
 
+#: Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them.
+EXTRA_OF_MODULE = {
+    "torch": "train",
+    "gymnasium": "train",
+    "matplotlib": "train",
+    "tqdm": "train",
+    "onnx": "export",
+    "onnxscript": "export",
+    "tensorrt": "trt",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every installed package's subcommands."""
@@ -73,9 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeadaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: {_command_name(args)} needs the {extra} extra (module {exc.name!r} is "
+              f"missing): pip install 'edgeadapt[{extra}]'", file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``edgeadapt bench runtime``-style name of the command that ran, in backquotes."""
+    words = [args.command]
+    for attr in ("bench_command", "device_command", "telemetry_command"):
+        if getattr(args, attr, None):
+            words.append(getattr(args, attr))
+    return "`edgeadapt " + " ".join(words) + "`"
 
 
 if __name__ == "__main__":

@@ -83,7 +83,14 @@ def cmd_bench_belief(args: argparse.Namespace) -> int:
 
 def cmd_selftest(args: argparse.Namespace) -> int:
     from runtime.agent import Agent, AgentConfig
+    from runtime.bundle import load_verified
+    from runtime.errors import BundleError
+    from runtime.graphio import graph_io_problems
 
+    manifest = load_verified(args.bundle, args.pubkey, args.pubkey is not None)
+    io_problems = graph_io_problems(args.bundle, manifest)
+    if io_problems:
+        raise BundleError(f"{args.bundle}: refused: " + "; ".join(io_problems))
     agent = Agent.load(
         args.bundle,
         pubkey=args.pubkey,

@@ -10,6 +10,7 @@ relative for large ones (precisions can reach 1e5); boolean outputs must match e
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,14 @@ DEFAULT_TOLERANCE = 1e-4
 def load_test_vectors(path: str) -> dict[str, np.ndarray]:
     """Arrays of a test-vector file (no pickles: ``allow_pickle=False``)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a bare .npy array, not an archive
+            raise ValueError("not an .npz archive")
+        with data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except EOFError:  # an empty file
+        raise BundleError(f"{path}: unreadable test vectors (empty file)") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # truncated, corrupt
         raise BundleError(f"{path}: unreadable test vectors ({exc})") from None
 
 

@@ -69,3 +69,16 @@ def test_unknown_env_lists_the_available_ones() -> None:
     with pytest.raises(UnknownNameError) as err:
         make_family("point-nva")
     assert "point-nav" in str(err.value) and "available" in str(err.value)
+
+
+def test_deeply_nested_yaml_is_a_one_line_config_error(tmp_path: Path) -> None:
+    """PyYAML recurses once per nesting level: a hostile file must not end in a traceback."""
+    from runtime.configio import apply_override, load_yaml_tree
+    from runtime.errors import ConfigError
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_yaml_tree(deep)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        apply_override({}, "a=" + "[" * 5000)

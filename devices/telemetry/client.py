@@ -7,9 +7,17 @@ Threads:
 - paho's network thread (``loop_start``): its callbacks only append to deques and set flags,
   inside :func:`~devices.telemetry.transport.guarded` wrappers, so nothing raised there can stop
   the network loop;
-- the worker thread (:meth:`TelemetryClient._run`): one SQLite transaction per cycle (persist
-  queued records, delete acknowledged ones, apply the size bound and TTL, verify commands), then
-  publish due batches. Only this thread touches the SQLite outbox.
+- the worker thread (:meth:`TelemetryClient._run`): per cycle, one SQLite transaction for the
+  commands that arrived, one that deletes acknowledged rows and applies the size bound and TTL,
+  one that stores the queued records; then it publishes due batches. Only this thread touches
+  the SQLite outbox.
+
+Faults: nothing an incoming payload contains can raise out of a cycle (every payload is a
+verified command or a ``malformed`` rejection); a failed transaction is rolled back together with
+the client's own bookkeeping, and acknowledgements are kept until their rows are deleted. When
+the disk is full the records wait in RAM, encoded once, bounded by ``max_queued_records`` (the
+oldest telemetry goes first, counted and reported with reason ``ram``), while stored rows keep
+being published and deleted; sequence numbers are never reused (see ``devices.telemetry.outbox``).
 
 Messages are published at QoS 1; a record leaves the outbox only when the PUBACK of its batch
 arrived. paho keeps unacknowledged messages and resends them after a reconnect in the same
@@ -22,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -32,11 +41,12 @@ from typing import Any
 from devices.telemetry.commands_proto import (
     Command,
     CommandRejected,
+    Reason,
     load_public_keys,
     verify_command,
 )
 from devices.telemetry.config import TelemetryConfig
-from devices.telemetry.outbox import OutboxRow, OutboxStore, QueuedRecord, RecordQueue
+from devices.telemetry.outbox import DropReport, OutboxRow, OutboxStore, QueuedRecord, RecordQueue
 from devices.telemetry.records import (
     AckStatus,
     EventType,
@@ -66,6 +76,8 @@ KIND_CHANNEL = {
 }
 MAX_COMMAND_BYTES = 16_384
 POLICY_PERIOD_S = 1.0
+#: Rows per insert or delete transaction: bounds the WAL growth of one commit.
+INSERT_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,10 @@ class ClientStats:
     commands_accepted: int
     commands_rejected: int
     worker_errors: int
+    unstored: int = 0  # records encoded but waiting for disk space (RAM)
+    ram_dropped: int = 0  # records dropped from RAM while the disk was full
+    store_failures: int = 0  # insert attempts refused (no headroom) or failed (disk full)
+    unstored_at_close: int = 0  # records still without disk space at close (reported dropped)
 
 
 class TelemetryClient:
@@ -128,7 +144,9 @@ class TelemetryClient:
             keepalive_s=config.keepalive_s,
         )
         self._keys = load_public_keys(config.command_keys)
-        self._store = OutboxStore.open(config.outbox, config.sync)
+        self._store = OutboxStore.open(
+            config.outbox, config.sync, int(config.min_free_mb * 1024 * 1024)
+        )
         self.boot = secrets.token_hex(8)
         self.boot_n = self._store.new_boot()
         self._queue = RecordQueue(self._store.next_seq())
@@ -154,9 +172,15 @@ class TelemetryClient:
         self._last_policy = 0.0
         self._last_report = 0.0
         self._drops_pending = bool(self._store.dropped())  # worker-owned after start
+        self._unstored: deque[OutboxRow] = deque()  # encoded, waiting for disk space (worker)
+        self._unacked_deletes: list[tuple[int, int]] = []  # acked spans not yet deleted
+        self._ram_drops = DropReport()  # not yet written to the store's drop reports
+        self._store_retry_at = 0.0  # monotonic time of the next insert attempt after a failure
         self._counters = dict.fromkeys(
-            ("published", "acked", "rejected", "dropped", "cmd_ok", "cmd_rejected", "errors"), 0
-        )
+            ("published", "acked", "rejected", "dropped", "cmd_ok", "cmd_rejected", "errors",
+             "ram_dropped", "store_failures", "unstored_at_close"),
+            0,
+        )  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> TelemetryClient:
@@ -194,6 +218,7 @@ class TelemetryClient:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._abandon_unstored()
         if self._connected:
             offline = state_payload("offline", self.boot, self.boot_n, time.time(), "shutdown")
             info = self._mqtt.publish(self._topics[Channel.STATE], offline, qos=1, retain=True)
@@ -259,12 +284,15 @@ class TelemetryClient:
         c = self._counters
         return ClientStats(
             connected=self._connected, boot=self.boot, boot_n=self.boot_n,
-            last_seq=self._queue.last_assigned, queued=len(self._queue), stored=self._store.count,
+            last_seq=self._queue.last_assigned, queued=len(self._queue) + len(self._unstored),
+            stored=self._store.count,
             inflight_messages=len(self._inflight), published_records=c["published"],
             acked_records=c["acked"], rejected_by_broker=c["rejected"],
             dropped_records=c["dropped"],
             commands_accepted=c["cmd_ok"], commands_rejected=c["cmd_rejected"],
-            worker_errors=c["errors"],
+            worker_errors=c["errors"], unstored=len(self._unstored),
+            ram_dropped=c["ram_dropped"], store_failures=c["store_failures"],
+            unstored_at_close=c["unstored_at_close"],
         )  # fmt: skip
 
     @property
@@ -284,6 +312,7 @@ class TelemetryClient:
         return _wait_until(
             lambda: (
                 not self._queue
+                and not self._unstored
                 and self._store.count == 0
                 and not self._inflight
                 and not self._drops_pending
@@ -340,28 +369,138 @@ class TelemetryClient:
         if self._rebirth and self._connected:
             self._rebirth = False
             self._publish_birth(now)
-        acks = _drain(self._acks)
-        inbox = _drain(self._inbox)
-        items: list[QueuedRecord] = []
+        self._handle_commands(_drain(self._inbox), now)
+        stored_upto = self._store_queued(force=not publish)
+        try:
+            self._housekeeping(_drain(self._acks), now)  # the bound sees the rows just stored
+        finally:  # stored rows keep flowing even while deletes fail
+            if publish and self._connected:
+                self._publish_due(now)
+            if stored_upto is not None:
+                self._committed_upto = stored_upto
+
+    def _housekeeping(self, acks: list[tuple[int, bool]], now: float) -> None:
+        """One transaction: delete acknowledged rows, size bound, TTL, drop reports.
+
+        Needs no new disk space beyond the WAL headroom, so it keeps running on a full disk. On
+        failure everything it changed in memory is restored: acknowledged spans stay queued
+        for deletion (nothing acknowledged is ever forgotten) and the cycle is retried.
+        """
+        self._apply_acks(acks)  # in memory: frees in-flight slots even if the delete fails
+        saved = (dict(self._counters), self._drops_pending, self._last_policy, self._last_report)
+        events: list[tuple[str, dict[str, Any]]] = []
         self._store.begin()
         try:
-            for payload in inbox:
-                self._handle_command(payload, now)
-            if self._connected:
-                self._report_drops(now)
-            items = self._queue.take()
-            self._store.insert([self._encode(item) for item in items])
-            self._apply_acks(acks)
+            self._store.merge_dropped("ram", self._ram_drops)
+            settled = self._delete_acked()
             self._apply_policy(now)
+            if self._connected:
+                events = self._report_drops(now)
             self._store.commit()
         except BaseException:
             self._store.rollback()
-            self._queue.put_back(items)  # retried next cycle, still in sequence order
+            self._counters, self._drops_pending, self._last_policy, self._last_report = saved
             raise
-        if items:
-            self._committed_upto = items[-1].seq
-        if publish and self._connected:
-            self._publish_due(now)
+        self._ram_drops = DropReport()
+        del self._unacked_deletes[:settled]
+        for event in events:
+            self._queue.put(RecordKind.EVENT, now, event)
+
+    def _store_queued(self, force: bool = False) -> int | None:
+        """Encode what the control loop queued (once) and insert it, in chunks, if there is room.
+
+        Rows that cannot be stored (no headroom, disk full) wait in ``_unstored``, bounded by
+        ``max_queued_records``; inserts are retried every ``store_retry_s``. ``force`` skips the
+        wait (the last cycle before closing). Returns the highest sequence number stored.
+        """
+        self._unstored.extend(self._encode(item) for item in self._queue.take())
+        self._bound_unstored()
+        if not self._unstored or (not force and time.monotonic() < self._store_retry_at):
+            return None
+        stored_upto = None
+        while self._unstored:
+            chunk = [self._unstored[i] for i in range(min(INSERT_CHUNK, len(self._unstored)))]
+            if not self._insert(chunk):
+                if not self._counters["store_failures"] or self._store_retry_at == 0:
+                    log.warning("outbox %s: disk full; records wait in RAM", self._store.path)
+                self._counters["store_failures"] += 1
+                self._store_retry_at = time.monotonic() + self.config.store_retry_s
+                self._reserve_unstored()
+                return stored_upto
+            for _ in chunk:
+                self._unstored.popleft()
+            stored_upto = chunk[-1].seq
+        if self._store_retry_at:
+            log.info("outbox %s: storing again", self._store.path)
+            self._store_retry_at = 0.0
+        return stored_upto
+
+    def _insert(self, rows: list[OutboxRow]) -> bool:
+        """Insert rows in one transaction; False (rolled back) when the disk has no room."""
+        if not self._store.has_room(rows):
+            return False
+        self._store.begin()
+        try:
+            self._store.insert(rows)
+            self._store.commit()
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL, I/O errors
+            self._store.rollback()
+            log.debug("outbox insert failed (%s)", exc)
+            return False
+        except BaseException:
+            self._store.rollback()
+            raise
+        return True
+
+    def _reserve_unstored(self) -> None:
+        """Persist that the unstored rows' sequence numbers are used (a one-row update)."""
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._store.begin()
+            self._store.reserve_seq(self._unstored[-1].seq + 1)
+            self._store.commit()
+        self._store.rollback()  # no-op after a commit
+
+    def _bound_unstored(self) -> None:
+        """Drop the oldest unstored records beyond ``max_queued_records`` (telemetry first).
+
+        Trims to 90 % of the bound, so the O(n) pass runs once per tenth of the bound.
+        """
+        bound = self.config.max_queued_records
+        if len(self._unstored) <= bound:
+            return
+        excess = len(self._unstored) - bound * 9 // 10
+        kept: deque[OutboxRow] = deque()
+        dropped: list[int] = []
+        for row in self._unstored:  # oldest telemetry first
+            if len(dropped) < excess and row.kind == RecordKind.TELEMETRY:
+                dropped.append(row.seq)
+            else:
+                kept.append(row)
+        while len(dropped) < excess:  # only events and acks left: the oldest of those
+            dropped.append(kept.popleft().seq)
+        self._unstored = kept
+        self._ram_drops.add(dropped)
+        self._drops_pending = True
+        self._counters["dropped"] += len(dropped)
+        self._counters["ram_dropped"] += len(dropped)
+        log.warning("disk full: dropped %d queued records from RAM", len(dropped))
+
+    def _abandon_unstored(self) -> None:
+        """At close: records that never found disk space are reported as dropped ('unstored')."""
+        if not self._unstored:
+            return
+        seqs = [row.seq for row in self._unstored]
+        self._counters["unstored_at_close"] += len(seqs)
+        self._counters["dropped"] += len(seqs)
+        log.error("closing with %d records that could not be stored (disk full)", len(seqs))
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._store.begin()
+            self._store.reserve_seq(seqs[-1] + 1)
+            self._store.merge_dropped("ram", self._ram_drops)
+            self._store.add_dropped("unstored", seqs)
+            self._store.commit()
+        self._store.rollback()
+        self._unstored.clear()
 
     def _on_new_connection(self) -> None:
         self._seen_generation = self._generation
@@ -398,6 +537,7 @@ class TelemetryClient:
             return OutboxRow(item.seq, int(RecordKind.EVENT), self.boot, item.t, body)
 
     def _apply_acks(self, acks: list[tuple[int, bool]]) -> None:
+        """Settle PUBACKs in memory; their rows are deleted by :meth:`_delete_acked`."""
         for mid, ok in acks:
             span = self._inflight.pop(mid, None)
             if span is None:
@@ -405,7 +545,18 @@ class TelemetryClient:
             if not ok:
                 self._counters["rejected"] += span[1] - span[0] + 1
                 log.error("broker refused seq %d..%d (not authorized?); dropped", *span)
-            self._counters["acked"] += self._store.delete_range(*span)
+            self._unacked_deletes.append(span)
+
+    def _delete_acked(self) -> int:
+        """Delete acknowledged spans, about ``INSERT_CHUNK`` rows per transaction (each
+        deleted row costs WAL space, which is scarce on a full disk); returns spans done."""
+        rows = 0
+        for i, (first, last) in enumerate(self._unacked_deletes):
+            if rows >= INSERT_CHUNK:
+                return i
+            self._counters["acked"] += self._store.delete_range(first, last)
+            rows += last - first + 1
+        return len(self._unacked_deletes)
 
     def _apply_policy(self, now: float) -> None:
         cfg = self.config
@@ -432,16 +583,22 @@ class TelemetryClient:
                 dropped[-1],
             )
 
-    def _report_drops(self, now: float) -> None:
-        """Turn accumulated drops into ``outbox_dropped`` events, at most once a second."""
+    def _report_drops(self, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """``outbox_dropped`` events for the accumulated drops, at most once a second.
+
+        The reports are cleared in the caller's transaction; the events are queued after it
+        committed, so a failed transaction neither loses nor repeats a report.
+        """
         if not self._drops_pending or now - self._last_report < POLICY_PERIOD_S:
-            return
+            return []
+        events = []
         for reason, rep in self._store.dropped().items():
             data = {"reason": reason, "n": rep.n, "first": rep.first, "last": rep.last}
-            self._queue.put(RecordKind.EVENT, now, (EventType.OUTBOX_DROPPED, data))
+            events.append((EventType.OUTBOX_DROPPED, data))
         self._store.clear_dropped()
         self._drops_pending = False
         self._last_report = now
+        return events
 
     def _publish_due(self, now: float) -> None:
         cfg = self.config
@@ -480,23 +637,64 @@ class TelemetryClient:
         return True
 
     # --- commands ----------------------------------------------------------------------------
-    def _handle_command(self, payload: bytes, now: float) -> None:
+    def _handle_commands(self, inbox: list[bytes], now: float) -> None:
+        """Verify the payloads, record accepted nonces in one transaction, then execute.
+
+        Never raises: a payload is a verified command or a rejection, answered in arrival
+        order. When the nonces cannot be recorded (disk failure) the commands are not executed
+        and answered ``failed``: the sender may send them again, and replay protection is never
+        weakened.
+        """
+        if not inbox:
+            return
+        outcomes: list[Command | CommandRejected] = []
+        try:
+            self._store.begin()
+            for payload in inbox:
+                outcome = self._verified(payload, now)
+                if isinstance(outcome, Command):
+                    self._store.nonce_add(outcome.nonce, outcome.expires + self.config.clock_skew_s)
+                outcomes.append(outcome)
+            self._store.commit()
+        except sqlite3.Error as exc:
+            self._store.rollback()
+            log.error("could not record command nonces (%s); commands not executed", exc)
+            error = {"error": f"could not record the nonce: {exc}"[:200]}
+            outcomes = [o if isinstance(o, CommandRejected) else (o, error) for o in outcomes]
+        for outcome in outcomes:
+            self._answer(outcome, now)
+
+    def _answer(
+        self, outcome: Command | CommandRejected | tuple[Command, dict[str, Any]], now: float
+    ) -> None:
+        if isinstance(outcome, CommandRejected):
+            self._reject(outcome, now)
+        elif isinstance(outcome, tuple):  # accepted, but its nonce could not be recorded
+            cmd, error = outcome
+            self._ack(cmd.nonce, cmd.name, AckStatus.FAILED, error, now)
+        else:
+            self._counters["cmd_ok"] += 1
+            status, detail = self._execute(outcome)
+            self._ack(outcome.nonce, outcome.name, status, detail, now)
+
+    def _verified(self, payload: bytes, now: float) -> Command | CommandRejected:
+        """The verified command in ``payload``, or why it was rejected."""
         cfg = self.config
         try:
             if len(payload) > MAX_COMMAND_BYTES:
-                raise CommandRejected("malformed", f"{len(payload)} bytes")
-            cmd = verify_command(
+                raise CommandRejected(Reason.MALFORMED, f"{len(payload)} bytes")
+            return verify_command(
                 payload, self._keys, cfg.fleet, cfg.device, now=now,
                 max_ttl_s=cfg.command_max_ttl_s, skew_s=cfg.clock_skew_s,
                 seen=self._store.nonce_seen,
             )  # fmt: skip
         except CommandRejected as exc:
-            self._reject(exc, now)
-            return
-        self._store.nonce_add(cmd.nonce, cmd.expires + cfg.clock_skew_s)
-        self._counters["cmd_ok"] += 1
-        status, detail = self._execute(cmd)
-        self._ack(cmd.nonce, cmd.name, status, detail, now)
+            return exc
+        except sqlite3.Error:
+            raise  # the store, not the payload: handled by the caller's transaction
+        except Exception as exc:  # a parser bug must not stop the worker: still a rejection
+            log.exception("command verification raised")
+            return CommandRejected(Reason.MALFORMED, type(exc).__name__)
 
     def _reject(self, exc: CommandRejected, now: float) -> None:
         self._counters["cmd_rejected"] += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import ConfigError
+from runtime.untrusted import UntrustedInputError, loads_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -208,9 +210,9 @@ def verify_command(
 
 def _envelope(payload: bytes) -> tuple[str, str, str]:
     try:
-        env = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise CommandRejected(Reason.MALFORMED, "not JSON") from None
+        env = loads_json(payload)
+    except UntrustedInputError as exc:
+        raise CommandRejected(Reason.MALFORMED, f"envelope: {exc}") from None
     if not isinstance(env, dict) or env.get("v") != ENVELOPE_VERSION:
         raise CommandRejected(Reason.MALFORMED, "not a version-1 envelope")
     kid, body, sig = env.get("kid"), env.get("body"), env.get("sig")
@@ -236,9 +238,9 @@ def _check_signature(keys: dict[str, Ed25519PublicKey], kid: str, body: str, sig
 def _peek(text: str) -> tuple[str | None, str | None]:
     """Nonce and command name of an unverified body, when they look valid."""
     try:
-        body = json.loads(text)
+        body = loads_json(text)
         nonce, name = body.get("nonce"), body.get("cmd")
-    except (ValueError, AttributeError):
+    except (UntrustedInputError, AttributeError):
         return None, None
     ok = isinstance(nonce, str) and NONCE_PATTERN.match(nonce) and isinstance(name, str)
     return (nonce, name[:64]) if ok else (None, None)
@@ -246,17 +248,27 @@ def _peek(text: str) -> tuple[str | None, str | None]:
 
 def _body(text: str) -> dict[str, Any]:
     try:
-        body = json.loads(text)
-    except ValueError:
-        raise CommandRejected(Reason.MALFORMED, "body is not JSON") from None
+        body = loads_json(text)
+    except UntrustedInputError as exc:
+        raise CommandRejected(Reason.MALFORMED, f"body: {exc}") from None
     types = {"fleet": str, "device": str, "cmd": str, "args": dict, "nonce": str}
     if not isinstance(body, dict) or any(not isinstance(body.get(k), t) for k, t in types.items()):
         raise CommandRejected(Reason.MALFORMED, "body fields missing or mistyped")
-    if not all(type(body.get(k)) in (int, float) for k in ("issued", "expires")):
-        raise CommandRejected(Reason.MALFORMED, "issued/expires are not numbers")
+    if not all(_is_time(body.get(k)) for k in ("issued", "expires")):
+        raise CommandRejected(Reason.MALFORMED, "issued/expires are not finite numbers")
     if not NONCE_PATTERN.match(body["nonce"]):
         raise CommandRejected(Reason.MALFORMED, "nonce is not 16-64 lowercase hex digits")
     return body
+
+
+def _is_time(value: object) -> bool:
+    """A finite unix time (s): an int or float that converts to a finite float."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:  # an int of hundreds of digits
+        return False
 
 
 def _command(body: dict[str, Any], kid: str) -> Command:

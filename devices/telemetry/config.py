@@ -37,6 +37,22 @@ class TelemetryConfig(BaseModel):
         description="outbox bound in telemetry rows; beyond it the oldest telemetry is dropped "
         "(events and acks are not counted and never dropped by the bound)",
     )
+    max_queued_records: int = Field(
+        20_000,
+        ge=100,
+        description="records held in RAM while they cannot be stored (disk full); beyond it "
+        "the oldest telemetry (then the oldest of any kind) is dropped, counted and reported as "
+        "an outbox_dropped event with reason 'ram'",
+    )
+    min_free_mb: float = Field(
+        8.0,
+        ge=0,
+        description="no new outbox rows while the outbox's filesystem has less free space (MB); "
+        "the headroom lets acknowledged rows be deleted on a full disk (0: no check)",
+    )
+    store_retry_s: float = Field(
+        1.0, gt=0, le=60, description="wait (s) before storing again after the disk was full"
+    )
     telemetry_ttl_s: float = Field(86_400, gt=0, description="telemetry older than this is dropped")
     event_ttl_s: float = Field(
         7 * 86_400, gt=0, description="events and acks older than this are dropped"

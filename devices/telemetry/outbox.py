@@ -13,11 +13,20 @@ device process (the WAL is in the OS page cache; ``sync="full"`` also makes it s
 cut). Records still in the deque, i.e. enqueued during the last worker cycle, are lost by a
 ``kill -9``; their sequence numbers were never committed, so the next boot reuses them and the
 stream the collector sees stays gap-free. See ``docs/telemetry.md`` for the size and TTL policy.
+
+A full disk: the store refuses inserts while its filesystem has less than ``min_free_bytes``
+free (:meth:`OutboxStore.has_room`), so the space SQLite needs to delete acknowledged rows and
+checkpoint its WAL is never taken by new rows; records then wait in the client's bounded RAM
+queue. Sequence numbers of records that were taken from the queue but never stored are still
+reserved in ``meta.next_seq`` (:meth:`OutboxStore.reserve_seq`): the next boot never reuses
+them, and the collector sees their gap next to an ``outbox_dropped`` report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 from collections import deque
@@ -27,7 +36,13 @@ from typing import Any, Literal, NamedTuple
 
 from devices.telemetry.records import RecordKind
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+PAGE_BYTES = 4096  # SQLite's default page size
+ROW_OVERHEAD_BYTES = 48  # seq, kind, boot id, time and cell header of one row, about
+#: Largest WAL (pages) between automatic checkpoints, SQLite's default.
+MAX_WAL_PAGES = 1000
 
 # No secondary index: every insert would pay for it, and the queries that filter by kind (size
 # bound, TTL) run rarely and walk the primary key.
@@ -75,12 +90,16 @@ class DropReport:
 
     def add(self, seqs: list[int]) -> None:
         """Account for the dropped sequence numbers ``seqs``."""
-        if not seqs:
+        if seqs:
+            self.merge(DropReport(len(seqs), min(seqs), max(seqs)))
+
+    def merge(self, other: DropReport) -> None:
+        """Account for the drops of another report."""
+        if other.n == 0:
             return
-        lo, hi = min(seqs), max(seqs)
-        self.first = lo if self.n == 0 else min(self.first, lo)
-        self.last = max(self.last, hi)
-        self.n += len(seqs)
+        self.first = other.first if self.n == 0 else min(self.first, other.first)
+        self.last = max(self.last, other.last)
+        self.n += other.n
 
 
 class RecordQueue:
@@ -123,25 +142,38 @@ class RecordQueue:
 class OutboxStore:
     """The SQLite side of the outbox. Not thread-safe: one owner thread after :meth:`open`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path):
+    def __init__(self, conn: sqlite3.Connection, path: Path, min_free_bytes: int = 0):
         self._db = conn
         self.path = path
+        self.min_free_bytes = min_free_bytes
         self.count = int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         self.telemetry_count = int(
             conn.execute("SELECT COUNT(*) FROM outbox WHERE kind = 0").fetchone()[0]
         )
+        self._saved_counts = (self.count, self.telemetry_count)
 
     @classmethod
-    def open(cls, path: str | Path, sync: Sync = "normal") -> OutboxStore:
-        """Open or create the outbox file (WAL mode, schema checked)."""
+    def open(cls, path: str | Path, sync: Sync = "normal", min_free_bytes: int = 0) -> OutboxStore:
+        """Open or create the outbox file (WAL mode, schema checked).
+
+        ``min_free_bytes``: inserts are refused while the filesystem has less free space (see
+        :meth:`has_room`); the WAL is checkpointed before it takes a quarter of that headroom.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={sync.upper()}")
         conn.execute("PRAGMA busy_timeout=5000")
+        wal_pages = MAX_WAL_PAGES
+        if min_free_bytes:
+            wal_pages = max(8, min(MAX_WAL_PAGES, min_free_bytes // 4 // PAGE_BYTES))
+        conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+        # Debian builds zero deleted content, rewriting every freed page into the WAL; FAST
+        # only zeroes what is written anyway, so deleting needs little space on a full disk.
+        conn.execute("PRAGMA secure_delete=FAST")
         conn.executescript(SCHEMA)
-        store = cls(conn, path)
+        store = cls(conn, path, min_free_bytes)
         version = store.get_meta("schema_version")
         if version is None:
             store.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -155,7 +187,8 @@ class OutboxStore:
 
     # --- transactions -------------------------------------------------------------------
     def begin(self) -> None:
-        """Start a write transaction (one per worker cycle)."""
+        """Start a write transaction; :meth:`rollback` restores the row counters to here."""
+        self._saved_counts = (self.count, self.telemetry_count)
         self._db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
@@ -163,22 +196,58 @@ class OutboxStore:
         self._db.execute("COMMIT")
 
     def rollback(self) -> None:
-        """Abandon the current transaction (if any)."""
+        """Abandon the current transaction (if any) and the counter changes made in it."""
+        self.count, self.telemetry_count = self._saved_counts
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
+    def has_room(self, rows: list[OutboxRow]) -> bool:
+        """Whether ``rows`` may be inserted and still leave ``min_free_bytes`` free.
+
+        Pages freed by deleted rows (SQLite's freelist) are reused before the file grows, so
+        only the growth beyond them counts. The headroom keeps the space SQLite needs to delete
+        rows and checkpoint its WAL, so acknowledged rows can still be deleted when the disk is
+        full, and the space they free is used again. Rows that fit in freed pages only need
+        twice their size free (WAL frames now, room for a delete later).
+        """
+        if not self.min_free_bytes:
+            return True
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return True  # unknown: let SQLite report a real failure
+        free_pages = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        need = sum(len(r.body) + ROW_OVERHEAD_BYTES for r in rows) * 5 // 4  # B-tree slack
+        growth = max(0, need - free_pages * PAGE_BYTES)
+        free = st.f_bavail * st.f_frsize
+        if growth == 0:  # only the WAL may grow, by about the rows' size
+            return free >= min(self.min_free_bytes, 2 * need)
+        return free - growth >= self.min_free_bytes
+
     # --- sequence numbers and boots ------------------------------------------------------
     def next_seq(self) -> int:
-        """First sequence number for a new process: above everything ever committed."""
+        """First sequence number for a new process: above everything ever used or committed."""
         stored = int(self.get_meta("next_seq") or 1)
         top = self._db.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
         return max(stored, (top or 0) + 1)
 
     def new_boot(self) -> int:
-        """Increment and return the persisted boot counter (1 on the first boot)."""
+        """Increment and return the persisted boot counter (1 on the first boot).
+
+        On a full disk the counter cannot be written: the boot still gets the next number
+        (logged), so telemetry starts anyway.
+        """
         n = int(self.get_meta("boot_n") or 0) + 1
-        self.set_meta("boot_n", str(n))
+        try:
+            self.set_meta("boot_n", str(n))
+        except sqlite3.OperationalError as exc:
+            log.warning("outbox %s: boot counter not persisted (%s)", self.path, exc)
         return n
+
+    def reserve_seq(self, next_seq: int) -> None:
+        """Persist that sequence numbers below ``next_seq`` are used, stored or not."""
+        if next_seq > int(self.get_meta("next_seq") or 1):
+            self.set_meta("next_seq", str(next_seq))
 
     # --- rows ------------------------------------------------------------------------------
     def insert(self, rows: list[OutboxRow]) -> None:
@@ -252,12 +321,15 @@ class OutboxStore:
     # --- drop reports --------------------------------------------------------------------
     def add_dropped(self, reason: str, seqs: list[int]) -> None:
         """Accumulate dropped seqs under ``reason`` in ``meta`` (same transaction)."""
-        if not seqs:
+        if seqs:
+            self.merge_dropped(reason, DropReport(len(seqs), min(seqs), max(seqs)))
+
+    def merge_dropped(self, reason: str, report: DropReport) -> None:
+        """Accumulate a drop report under ``reason`` in ``meta`` (same transaction)."""
+        if report.n == 0:
             return
         reports = self.dropped()
-        report = reports.get(reason, DropReport())
-        report.add(seqs)
-        reports[reason] = report
+        reports.setdefault(reason, DropReport()).merge(report)
         self.set_meta("dropped", json.dumps({k: vars(v) for k, v in reports.items()}))
 
     def dropped(self) -> dict[str, DropReport]:

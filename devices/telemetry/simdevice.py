@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--batch-period", type=float, default=0.02, help="seconds")
     p.add_argument("--max-records", type=int, default=100_000, help="outbox bound")
+    p.add_argument("--max-queued", type=int, default=20_000, help="RAM bound (disk full)")
+    p.add_argument("--min-free-mb", type=float, default=8.0, help="outbox disk headroom (MB)")
     p.add_argument("--command-key", action="append", default=[], help="fleet public key (PEM)")
     p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
@@ -108,35 +110,53 @@ def main(argv: list[str] | None = None) -> int:
         broker=args.broker, fleet=args.fleet, device=args.device, outbox=args.outbox,
         batch_size=args.batch_size, batch_period_s=args.batch_period,
         max_records=args.max_records, command_keys=args.command_key, protocol=args.protocol,
+        max_queued_records=args.max_queued, min_free_mb=args.min_free_mb,
         username=args.username, password=args.password, ca_file=args.ca_file,
     )  # fmt: skip
     sim = SimDevice()
     birth = BirthInfo(bundle_id="sim", bundle_version="0", profile="simulated")
     client = TelemetryClient(cfg, birth, command_handler=sim.handle).start()
-    first = client.stats().last_seq + 1
+    first = client.first_seq  # before the worker queues anything (drop reports)
     _emit({"ready": True, "boot": client.boot, "boot_n": client.boot_n, "first_seq": first})
-    run_loop(client, args.records, args.rate, args.event_every)
+    timing = run_loop(client, args.records, args.rate, args.event_every)
     drained = client.wait_drained(args.drain_timeout)
     time.sleep(args.hold)
-    stats = client.stats()
     client.close()
+    stats = client.stats()  # after close: includes what could not be stored at exit
     _emit({"done": True, "drained": drained, "mode": sim.mode, "resets": sim.resets,
-           **asdict(stats)})  # fmt: skip
+           **timing, **asdict(stats)})  # fmt: skip
     return 0 if drained else 1
 
 
-def run_loop(client: TelemetryClient, steps: int, rate_hz: float, event_every: int) -> None:
-    """The paced control loop: one telemetry record per step, an event every ``event_every``."""
+def run_loop(
+    client: TelemetryClient, steps: int, rate_hz: float, event_every: int
+) -> dict[str, float]:
+    """The paced control loop: one telemetry record per step, an event every ``event_every``.
+
+    Returns the loop's timing: ``record_us_p50``/``record_us_p99``/``record_us_max`` (time
+    spent in ``record_step``, µs) and ``late_steps`` (steps started more than a period late).
+    """
     period = 1.0 / rate_hz if rate_hz > 0 else 0.0
     start = time.perf_counter()
+    spent, late = [], 0
     for step in range(steps):
         if period:
             delay = start + step * period - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            late += delay < -period
+        t0 = time.perf_counter_ns()
         client.record_step(**sample_values(step))
+        spent.append(time.perf_counter_ns() - t0)
         if event_every and step % event_every == event_every - 1:
             client.event(EventType.TASK_CHANGE, {"step": step})
+    spent.sort()
+
+    def pick(q: float) -> float:
+        return spent[min(len(spent) - 1, int(q * len(spent)))] / 1e3 if spent else 0.0
+
+    return {"record_us_p50": pick(0.5), "record_us_p99": pick(0.99),
+            "record_us_max": pick(1.0), "late_steps": late}  # fmt: skip
 
 
 def _emit(obj: dict[str, Any]) -> None:
