@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  (the demo trains: without the train extra, say so first)
+
     summary = run_demo(
         Path(args.out), quick=args.quick, seed=args.seed, overrides=args.set, algo=args.algo
     )
