@@ -198,9 +198,24 @@ class Manifest(_Strict):
             for name, g in self.graphs.items()
         }
         problems = check_graph_signatures(self.adaptation, io)
+        problems += self._state_shapes_agree()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _state_shapes_agree(self) -> list[str]:
+        """Every graph input carrying a declared state tensor has shape [batch, *state.shape]
+        (PEARL: the latent size; RL²: the hidden size)."""
+        problems = []
+        for s in self.adaptation.state:
+            for gname, g in self.graphs.items():
+                for t in g.inputs:
+                    if t.name == s.name and list(t.shape[1:]) != list(s.shape):
+                        problems.append(
+                            f"graph {gname!r} input {s.name!r} has shape {t.shape}; the "
+                            f"declared state is {s.shape} per agent"
+                        )
+        return problems
 
     def graph(self, name: str) -> GraphSpec:
         """The graph ``name``, with a clear error listing the ones present."""

@@ -42,15 +42,16 @@ def graph_io_problems(bundle_dir: str | Path, manifest: Manifest) -> list[str]:
             continue
         actual_in = {a.name: a for a in sess.get_inputs()}
         actual_out = {a.name: a for a in sess.get_outputs()}
-        problems += _compare(name, "input", spec.inputs, actual_in)
-        problems += _compare(name, "output", spec.outputs, actual_out)
+        problems += compare_io(name, "input", spec.inputs, actual_in)
+        problems += compare_io(name, "output", spec.outputs, actual_out)
         problems += _box_problems(name, manifest, {**actual_in, **actual_out})
     return problems
 
 
-def _compare(
+def compare_io(
     graph: str, kind: str, declared: list[TensorSpec], actual: dict[str, Any]
 ) -> list[str]:
+    """Declared tensors against an onnxruntime session's I/O args (name, dtype, shape)."""
     problems = []
     names = [t.name for t in declared]
     if set(names) != set(actual):

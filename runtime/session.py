@@ -131,12 +131,20 @@ class GraphSession:
             arr[...] = res
 
     def _check_signature(self) -> None:
-        got_in = {i.name for i in self.session.get_inputs()}
-        got_out = {o.name for o in self.session.get_outputs()}
+        """Names, ranks, fixed axes and dtypes of the file's I/O against the manifest."""
+        from runtime.graphio import compare_io
+
+        got_in = {i.name: i for i in self.session.get_inputs()}
+        got_out = {o.name: o for o in self.session.get_outputs()}
         want_in = {t.name for t in self.spec.inputs}
         want_out = {t.name for t in self.spec.outputs}
-        if got_in != want_in or got_out != want_out:
+        if set(got_in) != want_in or set(got_out) != want_out:
             raise BundleError(
                 f"{self.spec.file}: graph I/O {sorted(got_in)} -> {sorted(got_out)} does not match "
                 f"the manifest {sorted(want_in)} -> {sorted(want_out)}"
             )
+        name = self.spec.file
+        problems = compare_io(name, "input", self.spec.inputs, got_in)
+        problems += compare_io(name, "output", self.spec.outputs, got_out)
+        if problems:
+            raise BundleError("; ".join(problems))

@@ -148,3 +148,29 @@ def test_malformed_manifest_names_the_key(damaged):
 def test_missing_bundle_is_a_clear_error(tmp_path):
     with pytest.raises(BundleError, match="not found"):
         load_verified(tmp_path / "nope")
+
+
+def test_a_declared_state_that_contradicts_the_graphs_is_refused(damaged):
+    """The state size (PEARL: latent_dim) must match the graphs' state inputs."""
+    data = json.loads((damaged / MANIFEST_FILE).read_text())
+    z = data["adaptation"]["latent_dim"]
+    for s in data["adaptation"]["state"]:
+        s["shape"] = [z + 1]
+    (damaged / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"input 'precision' has shape \['batch', \d+\]; the "):
+        load_verified(damaged)
+
+
+def test_a_graph_spec_that_contradicts_the_onnx_file_is_refused_at_load(damaged):
+    """Manifest consistent with itself, but the file's real shapes differ: Agent refuses."""
+    data = json.loads((damaged / MANIFEST_FILE).read_text())
+    z = data["adaptation"]["latent_dim"]
+    for s in data["adaptation"]["state"]:
+        s["shape"] = [z + 1]
+    for g in data["graphs"].values():
+        for t in g["inputs"] + g["outputs"]:
+            if t["name"] in ("precision", "eta", "precision_out", "eta_out", "mu", "var"):
+                t["shape"] = ["batch", z + 1]
+    (damaged / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="manifest says shape"):
+        Agent.load(damaged)
