@@ -1,16 +1,9 @@
-"""MAML at meta-test: explore, take an inner gradient step between episodes, fly the result.
+"""MAML at meta-test in torch: the reference of the device's policy, and its evaluation.
 
-:class:`MAMLPolicy` follows :class:`runtime.evaluation.AdaptivePolicy`. A task is flown in
-*phases* of ``episodes_per_step`` episodes: phase 0 with the meta-learned weights, phase k with
-the weights after k adaptations, each adaptation being ``inner_steps`` gradient steps on the
-episodes of the phase before. Exploration phases sample actions (the policy gradient needs
-them); the last phase flies the mean when ``deterministic_final``.
-
-Episode ends: ``observe(..., done=True)`` or :meth:`MAMLPolicy.end_episode` mark them; without
-either (today's ``runtime.evaluation.rollout`` says nothing) an episode ends after
-``spec.horizon`` observed steps. ``end_episode`` right after an automatic end is a no-op.
-What the policy records for the inner step is its own raw Gaussian sample, not the clipped
-action handed to the environment.
+:class:`MAMLPolicy` runs the schedule of :class:`runtime.maml_policy.GradientAdaptation`
+(exploration episodes, an inner step between episodes, the adapted policy) with the torch
+functions the ONNX graphs are traced from; :func:`evaluate_policy` reports the mean return per
+phase, normalized between a random policy (0) and the privileged oracle (1).
 """
 
 from __future__ import annotations
@@ -21,14 +14,15 @@ import numpy as np
 import torch
 
 from runtime.evaluation import held_out_tasks, random_policy_return, rollout
+from runtime.maml_policy import GradientAdaptation
 from runtime.tasks import make_family
 from runtime.tasks.base import FamilySpec
 from training.maml_inner import AdaptSettings, adapt
 from training.maml_networks import policy_log_std, policy_mean
 
 
-class MAMLPolicy:
-    """A batch of B agents adapting by gradient steps between episodes (torch reference)."""
+class MAMLPolicy(GradientAdaptation):
+    """The torch reference of :class:`runtime.maml_policy.OnnxMAMLPolicy` (same schedule)."""
 
     def __init__(
         self,
@@ -41,88 +35,34 @@ class MAMLPolicy:
         rng: np.random.Generator,
         deterministic_final: bool = True,
     ) -> None:
-        self.theta = theta_W.detach()
-        self.settings = settings
-        self.spec = spec
-        self.episodes_per_step = episodes_per_step
-        self.adaptations = adaptations
-        self.inner_lr = inner_lr
-        self.rng = rng
-        self.deterministic_final = deterministic_final
-        self.adapt_log: list[dict[str, list[float]]] = []
-
-    # -- the AdaptivePolicy protocol ------------------------------------------------------------
-    def begin_task(self, tasks_BK: np.ndarray) -> None:
-        """Back to the meta-learned weights; empty buffer; phase 0."""
-        b = len(tasks_BK)
-        self.weights = self.theta.expand(b, -1).clone()
-        self.phase, self.episode, self.t = 0, 0, 0
-        spec = self.spec
-        n = self.episodes_per_step * spec.horizon
-        self.buf_obs = np.zeros((b, n, spec.obs_dim), np.float32)
-        self.buf_act = np.zeros((b, n, spec.act_dim), np.float32)
-        self.buf_rew = np.zeros((b, n), np.float32)
-        self.buf_mask = np.zeros((b, n), np.float32)
-
-    def act(self, obs_BO: np.ndarray) -> np.ndarray:
-        """Normalized action in [-1, 1]; remembers the raw sample for :meth:`observe`."""
-        obs = torch.as_tensor(obs_BO, dtype=torch.float32).unsqueeze(1)
-        with torch.no_grad():
-            mean = policy_mean(obs, self.weights, self.settings.layout).squeeze(1).numpy()
-            std = torch.exp(policy_log_std(self.weights, self.settings.layout)).numpy()
-        raw = mean
-        if self.exploring or not self.deterministic_final:
-            raw = mean + std * self.rng.standard_normal(mean.shape).astype(np.float32)
-        self._raw = raw.astype(np.float32)
-        return np.clip(self._raw, -1.0, 1.0)
-
-    def observe(
-        self,
-        obs_BO: np.ndarray,
-        action_BA: np.ndarray,
-        reward_B: np.ndarray,
-        next_obs_BO: np.ndarray,
-        done: bool = False,
-    ) -> None:
-        """Record the transition in the episode's slot; end the episode on ``done`` or at the
-        horizon."""
-        slot = self.episode * self.spec.horizon + self.t
-        if slot < self.buf_mask.shape[1]:
-            self.buf_obs[:, slot] = obs_BO
-            self.buf_act[:, slot] = self._raw
-            self.buf_rew[:, slot] = reward_B
-            self.buf_mask[:, slot] = 1.0
-        self.t += 1
-        if done or self.t >= self.spec.horizon:
-            self.end_episode()
-
-    def end_episode(self) -> None:
-        """Close the current episode; after ``episodes_per_step`` of them, adapt."""
-        if self.t == 0:
-            return
-        self.t = 0
-        self.episode += 1
-        if self.episode < self.episodes_per_step:
-            return
-        if self.phase < self.adaptations:
-            self._adapt()
-        self.phase += 1
-        self.episode = 0
-        self.buf_mask[:] = 0.0
-
-    # -- internals ------------------------------------------------------------------------------
-    @property
-    def exploring(self) -> bool:
-        return self.phase < self.adaptations
-
-    def _adapt(self) -> None:
-        lr = torch.full((len(self.weights), 1), self.inner_lr)
-        bufs = (self.buf_obs, self.buf_act, self.buf_rew, self.buf_mask)
-        out = adapt(self.weights, *(torch.from_numpy(x) for x in bufs), lr, self.settings)
-        self.weights = out.weights.detach()
-        self.adapt_log.append(
-            {k: v.detach().float().tolist() for k, v in out._asdict().items() if k != "weights"}
+        super().__init__(
+            theta_W.detach().numpy(),
+            spec.obs_dim,
+            spec.act_dim,
+            spec.horizon,
+            episodes_per_step,
+            adaptations,
+            inner_lr,
+            rng,
+            deterministic_final,
         )
+        self.settings = settings
+
+    def _sample(self, obs_BO: np.ndarray, noise_BA: np.ndarray) -> np.ndarray:
+        layout = self.settings.layout
+        w = torch.from_numpy(self.weights)
+        with torch.no_grad():
+            mean = policy_mean(torch.from_numpy(obs_BO).unsqueeze(1), w, layout).squeeze(1)
+            std = torch.exp(policy_log_std(w, layout))
+        return (mean + std * torch.from_numpy(noise_BA)).numpy()
+
+    def _inner_step(self, buffers: tuple[np.ndarray, ...], lr_B1: np.ndarray) -> dict:
+        tensors = (torch.from_numpy(x) for x in (self.weights, *buffers, lr_B1))
+        out = adapt(*tensors, self.settings)
+        return {
+            ("weights_out" if k == "weights" else k): v.detach().numpy()
+            for k, v in out._asdict().items()
+        }
 
 
 @dataclass
