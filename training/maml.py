@@ -214,6 +214,8 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
         loss = -torch.minimum(ratio * adv_post, clipped * adv_post).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if not state.cfg.model.learn_std:
+            state.theta.grad[-state.spec.act_dim :] = 0.0  # log-std is the last A weights
         grad_norm = torch.nn.utils.clip_grad_norm_([state.theta], cfg.max_grad_norm)
         state.optimizer.step()
         if epoch == 0:

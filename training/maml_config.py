@@ -26,6 +26,13 @@ class MAMLModelConfig(_Section):
     init_std: float = Field(
         1.0, gt=0, description="initial std of the Gaussian policy (normalized action units)"
     )
+    learn_std: bool = Field(
+        True,
+        description=(
+            "the meta-update learns the log-std (false: it stays at init_std; the inner step "
+            "still adapts it, like every other weight)"
+        ),
+    )
 
     @field_validator("hidden")
     @classmethod
