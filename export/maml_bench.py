@@ -60,7 +60,7 @@ def bench_adapt(state: MAMLState, episodes: int, runs: int, workdir: Path) -> di
     tasks = env.sample_tasks("test", 1, state.rng)
     w = state.theta.detach()[None]
     b = collect(env, tasks, w, _with_episodes(state, episodes)).batch
-    lr = torch.full((1, 1), state.cfg.maml.inner_lr)
+    lr = torch.full((1, 1), state.inner_lr)
     values = (w, b.obs_BNO, b.action_BNA, b.reward_BN, b.mask_BN, lr)
     feed = {n: x.numpy() for n, x in zip(ADAPT_INPUTS, values, strict=True)}
     return {
@@ -91,7 +91,9 @@ def _with_episodes(state: MAMLState, episodes: int) -> MAMLState:
     cfg = state.cfg.model_copy(
         update={"maml": state.cfg.maml.model_copy(update={"episodes_per_step": episodes})}
     )
-    return MAMLState(cfg, state.spec, state.theta, state.optimizer, state.rng, None)
+    return MAMLState(
+        cfg, state.spec, state.theta, state.optimizer, state.rng, None, state.log_inner_lr
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

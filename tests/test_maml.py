@@ -42,7 +42,7 @@ SETTINGS = AdaptSettings(LAYOUT, horizon=100, gamma=0.99, ridge=1e-3, steps=1)
 SHAPE = AdaptShape(episodes=4, horizon=100)  # 400 transitions
 TINY = {
     "env": {"name": "nav2d"},
-    "maml": {"meta_batch": 8, "episodes_per_step": 4},
+    "maml": {"meta_batch": 8, "episodes_per_step": 4, "learn_inner_lr": True},
     "train": {"iterations": 3, "eval_every": 3, "checkpoint_every": 2, "num_threads": 1},
     "eval": {"tasks": 4},
 }
@@ -196,6 +196,7 @@ def test_tiny_training_learns_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     # learning happened: theta moved, and the inner step raises the return it is applied to
     assert not torch.equal(state.theta.detach(), init_state(cfg).theta.detach())
+    assert rows[-1]["inner_lr"] != pytest.approx(0.1, abs=1e-6)  # meta-learned step size
     assert np.mean([r["train_post"] for r in rows]) > np.mean([r["train_pre"] for r in rows])
     assert rows[-1]["eval_post"] > rows[-1]["eval_pre"]
     assert (tmp_path / "a" / "learning_curve.png").stat().st_size > 0
@@ -204,6 +205,7 @@ def test_tiny_training_learns_checkpoints_and_resumes(tmp_path: Path) -> None:
     train(short, tmp_path / "b", progress=False)
     resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
     torch.testing.assert_close(resumed.theta.detach(), state.theta.detach(), rtol=0, atol=0)
+    assert resumed.inner_lr == state.inner_lr
 
 
 def test_configs_load_and_reject_unknown_keys() -> None:

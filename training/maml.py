@@ -65,9 +65,14 @@ class MAMLState:
     optimizer: torch.optim.Optimizer
     rng: np.random.Generator
     train_tasks: np.ndarray | None  # fixed train tasks, or None: fresh ones each iteration
+    log_inner_lr: torch.Tensor  # () log of the inner step size (learned with maml.learn_inner_lr)
     iteration: int = 0
     env_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def inner_lr(self) -> float:
+        return float(self.log_inner_lr.detach().exp())
 
     @property
     def layout(self) -> PolicyLayout:
@@ -136,11 +141,13 @@ def init_state(cfg: MAMLTrainConfig) -> MAMLState:
     spec = family.spec
     layout = PolicyLayout(spec.obs_dim, spec.act_dim, cfg.model.hidden)
     theta = init_weights(layout, cfg.model.init_std, cfg.seed).requires_grad_(True)
-    optimizer = torch.optim.Adam([theta], lr=cfg.maml.outer_lr)
+    log_lr = torch.tensor(float(np.log(cfg.maml.inner_lr)), requires_grad=cfg.maml.learn_inner_lr)
+    params = [theta, log_lr] if cfg.maml.learn_inner_lr else [theta]
+    optimizer = torch.optim.Adam(params, lr=cfg.maml.outer_lr)
     train_tasks = None
     if cfg.env.num_train_tasks:
         train_tasks = family.sample_tasks(Split.TRAIN, cfg.env.num_train_tasks, rng)
-    return MAMLState(cfg, spec, theta, optimizer, rng, train_tasks)
+    return MAMLState(cfg, spec, theta, optimizer, rng, train_tasks, log_lr)
 
 
 def sample_tasks(state: MAMLState) -> np.ndarray:
@@ -190,7 +197,7 @@ def adapt_weights(state: MAMLState, w_MW: torch.Tensor, pre: Episodes) -> torch.
     """The inner step for collecting post-update episodes (no meta-gradient needed)."""
     with torch.no_grad():
         adv = batch_advantages(pre.batch, state.settings)
-    lr = torch.full((len(w_MW), 1), state.cfg.maml.inner_lr)
+    lr = torch.full((len(w_MW), 1), state.inner_lr)
     return inner_update(w_MW, pre.batch, adv, lr, state.settings).detach()
 
 
@@ -203,10 +210,10 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
         adv_pre = batch_advantages(pre.batch, settings)
         adv_post = batch_advantages(post.batch, settings)
     m = pre.batch.obs_BNO.shape[0]
-    lr = torch.full((m, 1), cfg.inner_lr)
     stats: dict[str, float] = {}
     for epoch in range(cfg.outer_epochs):
         w = state.theta.expand(m, -1)
+        lr = state.log_inner_lr.exp().reshape(1, 1).expand(m, 1)
         adapted = inner_update(w, pre.batch, adv_pre, lr, settings, old_logp_BN=pre.logp_MN)
         logp = log_prob(post.batch.obs_BNO, post.batch.action_BNA, adapted, state.layout)
         ratio = torch.exp(logp - post.logp_MN)
@@ -227,6 +234,7 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
         )
     std = torch.exp(policy_log_std(state.theta.detach()[None], state.layout))
     stats["policy_std"] = float(std.mean())
+    stats["inner_lr"] = state.inner_lr
     return stats
 
 
@@ -240,7 +248,7 @@ def make_eval_policy(state: MAMLState, adaptations: int = 1, seed: int = 0) -> M
         state.spec,
         cfg.episodes_per_step,
         adaptations,
-        cfg.inner_lr,
+        state.inner_lr,
         np.random.default_rng(seed),
         cfg.deterministic_adapted,
     )
@@ -296,6 +304,7 @@ def checkpoint(state: MAMLState, run_dir: Path) -> Path:
     payload = {
         "format": FORMAT,
         "theta": state.theta.detach().clone(),
+        "log_inner_lr": state.log_inner_lr.detach().clone(),
         "optim": state.optimizer.state_dict(),
         "iteration": state.iteration,
         "env_steps": state.env_steps,
@@ -328,6 +337,8 @@ def restore(state: MAMLState, run_dir: Path) -> None:
     data = read_maml_checkpoint(run_dir / "checkpoints" / LATEST)
     with torch.no_grad():
         state.theta.copy_(data["theta"])
+        if "log_inner_lr" in data:  # runs from before maml.learn_inner_lr keep the config's
+            state.log_inner_lr.copy_(data["log_inner_lr"])
     state.optimizer.load_state_dict(data["optim"])
     state.iteration = int(data["iteration"])
     state.env_steps = int(data["env_steps"])
@@ -350,9 +361,11 @@ def load_maml_run(run_dir: str | Path) -> MAMLState:
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = validate(yaml.safe_load(path.read_text()) or {}, MAMLTrainConfig, source=str(path))
     state = init_state(cfg)
-    restore_theta = read_maml_checkpoint(run_dir / "checkpoints" / LATEST)["theta"]
+    data = read_maml_checkpoint(run_dir / "checkpoints" / LATEST)
     with torch.no_grad():
-        state.theta.copy_(restore_theta)
+        state.theta.copy_(data["theta"])
+        if "log_inner_lr" in data:
+            state.log_inner_lr.copy_(data["log_inner_lr"])
     return state
 
 

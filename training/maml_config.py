@@ -44,6 +44,10 @@ class MAMLModelConfig(_Section):
 
 class MAMLAlgoConfig(_Section):
     inner_lr: float = Field(0.1, gt=0, description="inner (adaptation) step size (MAML: 0.1)")
+    learn_inner_lr: bool = Field(
+        False,
+        description="meta-learn the inner step size (log-parameterized, starts at inner_lr)",
+    )
     inner_steps: int = Field(
         1, ge=1, le=5, description="gradient steps per adaptation, on the same episodes"
     )
