@@ -125,7 +125,8 @@ def trace_adapt(settings: AdaptSettings, shape: AdaptShape) -> torch.fx.GraphMod
 def _drop_constant_copies(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite the two traced ops the TorchScript exporter lacks into ones it has: constants
     built inside the function (``torch.from_numpy``) come as ``lift_fresh_copy(constant)``
-    (the copy is not needed), and autograd emits ``_unsafe_view`` (a ``view``)."""
+    (the copy is not needed), autograd emits ``_unsafe_view`` (a ``view``), and a dtype cast
+    comes as ``_to_copy`` (``Tensor.to``, which the exporter writes as a Cast)."""
     aten = torch.ops.aten
     for node in list(module.graph.nodes):
         if node.op != "call_function":
@@ -135,6 +136,8 @@ def _drop_constant_copies(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             module.graph.erase_node(node)
         elif node.target == aten._unsafe_view.default:
             node.target = aten.view.default
+        elif node.target == aten._to_copy.default:
+            node.target = _cast
 
     module.recompile()
     return module
@@ -150,6 +153,10 @@ def export_adapt_graph(
     example = example_adapt_inputs(settings.layout, shape, batch=shape.batch)
     _export(module, example, ADAPT_INPUTS, ADAPT_OUTPUTS, path, opset, dynamic=False)
     return path
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, **_: object) -> torch.Tensor:
+    return tensor.to(dtype)
 
 
 def _export(

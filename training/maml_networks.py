@@ -142,21 +142,22 @@ def discount_matrix(horizon: int, gamma: float) -> torch.Tensor:
     idx = np.arange(horizon, dtype=np.float64)
     power = idx[:, None] - idx[None, :]
     disc = np.where(power >= 0, gamma ** np.maximum(power, 0.0), 0.0)
-    return torch.from_numpy(disc.astype(np.float32))
+    return torch.from_numpy(disc)
 
 
 def returns_to_go(reward_BN: torch.Tensor, horizon: int, gamma: float) -> torch.Tensor:
     """Discounted returns-to-go ``(B, N)`` within each episode slot of ``horizon`` steps."""
     b, n = reward_BN.shape
     per_episode = reward_BN.reshape(b, n // horizon, horizon)
-    return torch.matmul(per_episode, discount_matrix(horizon, gamma)).reshape(b, n)
+    disc = _const(discount_matrix(horizon, gamma).numpy(), reward_BN)
+    return torch.matmul(per_episode, disc).reshape(b, n)
 
 
 def baseline_features(obs_BNO: torch.Tensor, horizon: int) -> torch.Tensor:
     """rllab's linear-baseline features ``(B, N, 2 O + 4)``: o, o², t, t², t³, 1."""
     b, n, _ = obs_BNO.shape
     o = obs_BNO.clamp(-OBS_FEATURE_CLIP, OBS_FEATURE_CLIP)
-    t = torch.from_numpy(((np.arange(n) % horizon) / horizon).astype(np.float32))
+    t = _const((np.arange(n) % horizon) / horizon, obs_BNO)
     t = t.reshape(1, n, 1).expand(b, n, 1)
     return torch.cat([o, o * o, t, t * t, t * t * t, torch.ones_like(t)], dim=-1)
 
@@ -172,7 +173,7 @@ def fit_baseline(
     n_valid = mask_BN.sum(dim=1).clamp(min=1.0).reshape(-1, 1, 1)
     fm = feat_BND * mask_BN.unsqueeze(-1)
     gram = torch.matmul(fm.transpose(1, 2), feat_BND) / n_valid
-    eye = torch.from_numpy(np.eye(feat_BND.shape[-1], dtype=np.float32))
+    eye = _const(np.eye(feat_BND.shape[-1]), feat_BND)
     rhs = torch.matmul(fm.transpose(1, 2), target_BN.unsqueeze(-1)).squeeze(-1) / n_valid[:, 0]
     return cholesky_solve(gram + ridge * eye, rhs)
 
@@ -184,8 +185,8 @@ def cholesky_solve(a_BDD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
     the Cholesky factor L is kept as a ``(B, D)`` vector with zeros above row j.
     """
     d = a_BDD.shape[-1]
-    eye = torch.from_numpy(np.eye(d, dtype=np.float32))
-    lower = torch.from_numpy(np.tril(np.ones((d, d), dtype=np.float32)))  # [:, j]: rows >= j
+    eye = _const(np.eye(d), a_BDD)
+    lower = _const(np.tril(np.ones((d, d))), a_BDD)  # [:, j]: rows >= j
     cols: list[torch.Tensor] = []
     for j in range(d):
         v = a_BDD[:, :, j]
@@ -238,3 +239,9 @@ def sanitize(batch: InnerBatch) -> InnerBatch:
         torch.where(keep, batch.reward_BN, zero),
         torch.where(keep, torch.ones((), dtype=zero.dtype), zero),
     )
+
+
+def _const(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A constant in ``like``'s float dtype (built in numpy: traced as a plain constant)."""
+    np_dtype = np.float64 if like.dtype == torch.float64 else np.float32
+    return torch.from_numpy(np.asarray(array, dtype=np_dtype))
