@@ -19,10 +19,11 @@ from runtime.tasks import (
     car_friction,
     drone_wind,
     make_family,
+    nav2d,
 )
 
 run_example()  # registers "pendulum-varied"
-BUILTINS = {"point-nav", "point-nav-sparse", "drone-wind", "car-friction"}
+BUILTINS = {"point-nav", "point-nav-sparse", "drone-wind", "car-friction", "nav2d"}
 FAMILIES = sorted(BUILTINS | {"pendulum-varied"} | set(available_families()))
 N = 8
 SPLITS = (Split.TRAIN, Split.TEST, Split.OOD)
@@ -59,6 +60,7 @@ INFORMED: dict[str, Policy] = {
     "drone-wind": lambda obs, tasks, rng: drone_wind.expert_action(obs, tasks),
     "car-friction": lambda obs, tasks, rng: car_friction.expert_action(obs, tasks),
     "pendulum-varied": pendulum_policy,
+    "nav2d": lambda obs, tasks, rng: nav2d.oracle_action(obs, tasks),
 }
 
 

@@ -49,6 +49,7 @@ def _ensure_builtins() -> None:
         return
     from runtime.tasks.car_friction import CarFriction
     from runtime.tasks.drone_wind import DroneWind
+    from runtime.tasks.nav2d import Nav2D
     from runtime.tasks.point_nav import PointNav, PointNavSparse
 
     builtins: dict[str, FamilyFactory] = {
@@ -56,6 +57,7 @@ def _ensure_builtins() -> None:
         "point-nav-sparse": PointNavSparse,
         "drone-wind": DroneWind,
         "car-friction": CarFriction,
+        "nav2d": Nav2D,
     }
     for name, factory in builtins.items():
         _REGISTRY.setdefault(name, factory)
