@@ -117,10 +117,13 @@ def _build(
     profile: Any,
 ) -> tuple[Manifest, dict[str, Any] | None]:
     dims = family.dims_of(run)
-    graphs = {
-        name: export_graph(mod, name, dims, tmp / f"{name}.onnx", options.opset)
-        for name, mod in modules.items()
-    }
+    if hasattr(family, "export_graphs"):  # a family with graphs of its own making (MAML)
+        graphs = family.export_graphs(run, modules, tmp, options.opset)
+    else:
+        graphs = {
+            name: export_graph(mod, name, dims, tmp / f"{name}.onnx", options.opset)
+            for name, mod in modules.items()
+        }
     adaptation = family.adaptation(run, None)
     draft = _manifest(run, adaptation, graphs, {}, _placeholder_ood(), options, profile)
     recording = _calibration_recording(draft, tmp, run)

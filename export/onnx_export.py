@@ -79,4 +79,5 @@ DESCRIPTIONS = {
     "step_int8": "fused step, weights INT8 (onnxruntime dynamic quantization)",
     "encoder": "transition -> Gaussian factor over the latent (mu, var and/or directions u)",
     "act": "(obs, state) -> deterministic action under the current state (scaled, normalized)",
+    "adapt": "episodic adaptation: (state, buffered episodes, mask, params) -> state_out, ok",
 }

@@ -5,7 +5,7 @@ Every family (PEARL's Gaussian belief, RL²'s recurrent memory, ...) adapts by c
 ``adaptation`` section (a discriminated union on ``algorithm``), and its graphs follow two
 signatures that the runtime pairs by name:
 
-- ``step``: ``(transition, obs, [done], *state, *params) -> (action, action_norm,
+- ``step``: ``(transition, obs, [done], *state, [*params]) -> (action, action_norm,
   *<state>_out, surprise, updated, [extras])``. It absorbs the latest transition into the state
   and returns the action for ``obs`` under the new state. ``updated`` is False for a row whose
   transition or new state is not finite (the runtime keeps the old state); ``surprise`` is the
@@ -277,9 +277,9 @@ def check_graph_signatures(
     noise = {adaptation.noise.input} if adaptation.noise else set()
     problems = []
     for name, (ins, outs) in graphs.items():
-        if name.startswith("step"):
-            need_in = {"transition", "obs", *states, *params}
-            allowed_in = need_in | {"done"} | noise
+        if name.startswith("step"):  # params may feed the step graph, the adapt graph or both
+            need_in = {"transition", "obs", *states}
+            allowed_in = need_in | {"done", *params} | noise
             need_out = {*STEP_OUTPUTS, *(s + STATE_OUT_SUFFIX for s in states)}
         elif name == "act":  # the state it needs (the exporter drops unused inputs)
             need_in, allowed_in = {"obs"}, {"obs", *states} | noise

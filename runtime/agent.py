@@ -229,7 +229,8 @@ class Agent:
         for slot in self._slots:
             slot.step_in[...] = slot.init
         for name, value in self.param_values.items():
-            self.session.inputs[name][...] = value
+            if name in self.session.inputs:
+                self.session.inputs[name][...] = value
         if self._done_in is not None:
             self._done_in[...] = 0.0
         self._count = np.zeros(batch, dtype=np.int64)

@@ -75,6 +75,10 @@ class GradientAdaptation(ABC):
         self.buf_rew = np.zeros((b, n), np.float32)
         self.buf_mask = np.zeros((b, n), np.float32)
 
+    def begin_episode(self) -> None:
+        """Episodes end through ``observe(..., done=True)`` or the horizon: nothing to do."""
+        return None
+
     def act(self, obs_BO: np.ndarray) -> np.ndarray:
         """Normalized action in [-1, 1]; remembers the raw sample for :meth:`observe`."""
         shape = (len(obs_BO), self.act_dim)
@@ -101,7 +105,7 @@ class GradientAdaptation(ABC):
             self.buf_rew[:, slot] = reward_B
             self.buf_mask[:, slot] = 1.0
         self.t += 1
-        if done or self.t >= self.horizon:
+        if np.any(done) or self.t >= self.horizon:
             self.end_episode()
 
     def end_episode(self) -> None:

@@ -45,6 +45,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "ppo": {"epochs": 1, "minibatches": 2},
         "train": {"iterations": 2, "trials_per_iter": 8, "episodes_per_trial": 2, **LOOP},
     },
+    "maml": {
+        "model": {"hidden": [16, 16]},
+        "maml": {"episodes_per_step": 2, "meta_batch": 4, "outer_epochs": 1},
+        "train": {"iterations": 2, **LOOP},
+    },
 }  # fmt: skip
 FAMILIES = sorted(TINY_CONFIGS)
 EXPORTABLE = [f for f in FAMILIES if entry_of(validate_run_config({"algo": f}, "x")).export_module]
@@ -142,9 +147,10 @@ def test_save_then_load_gives_the_trained_models_actions(algo, tmp_path_factory)
 def test_bundle_acts_like_the_torch_policy(algo, tmp_path_factory):
     """torch vs onnxruntime on the protocol itself: the same returns to float32 rounding."""
     run_dir, _ = trained(algo, tmp_path_factory)
-    torch_ret = rollout(policy_for(load_run(run_dir)), ENV, tasks(), 2, seed=6).returns_TE
+    # 3 episodes: for MAML (2 episodes per inner step) the third flies the adapted weights.
+    torch_ret = rollout(policy_for(load_run(run_dir)), ENV, tasks(), 3, seed=6).returns_TE
     agent = Agent.load(bundle_of(algo, tmp_path_factory), config=AgentConfig(outlier_factor=None))
-    ort_ret = rollout(agent, ENV, tasks(), 2, seed=6).returns_TE
+    ort_ret = rollout(agent, ENV, tasks(), 3, seed=6).returns_TE
     np.testing.assert_allclose(ort_ret, torch_ret, rtol=1e-4, atol=1e-3)
 
 
@@ -171,7 +177,7 @@ def test_the_bundle_declares_its_state_and_the_runtime_pairs_it_by_name(algo, tm
     declared = agent.manifest.adaptation.state
     assert [s.name for s in declared] == list(agent.state)
     for spec in declared:
-        np.testing.assert_array_equal(agent.state[spec.name][0], spec.initial())
+        np.testing.assert_array_equal(agent.state[spec.name][0], spec.initial(agent.bundle_dir))
     assert agent.summary.algorithm == algo
 
 
@@ -195,3 +201,18 @@ def test_an_unknown_family_runs_through_the_generic_declaration(tmp_path_factory
     ref = rollout(Agent.load(bundle_of("rl2", tmp_path_factory)), ENV, tasks(), 2, seed=6)
     np.testing.assert_array_equal(ret, ref.returns_TE)
     assert agent.summary.algorithm == "my-memory" and agent.summary.mean.shape == (4, 8)
+
+
+def test_maml_adapts_between_episodes_in_onnxruntime(tmp_path_factory):
+    """The episodic declaration at work: after episodes_per_step episodes the runtime runs the
+    adapt graph once per agent, the weights change, and the next episode flies them."""
+    agent = Agent.load(bundle_of("maml", tmp_path_factory))
+    t = tasks()
+    theta = agent.state["weights"][0].copy()
+    rollout(agent, ENV, t, 2, seed=1)
+    events = [e for e in agent.drain_events() if e.kind in ("adapted", "adapt_rejected")]
+    assert [e.kind for e in events] == ["adapted"] * len(t)
+    assert all("step_norm" in e.detail and "time_us" in e.detail for e in events)
+    assert not np.allclose(agent.state["weights"], theta)
+    rollout(agent, ENV, t, 1, seed=1)  # begin_task: back to theta, no adaptation yet
+    np.testing.assert_array_equal(agent.state["weights"], np.tile(theta, (len(t), 1)))

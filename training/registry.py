@@ -72,6 +72,10 @@ ALGORITHMS: dict[str, Algorithm] = {
         "rl2", "training.rl2_config:RL2TrainConfig", "training.rl2_family", "export.rl2_export",
         label="RL²",
     ),
+    "maml": Algorithm(
+        "maml", "training.maml_config:MAMLTrainConfig", "training.maml_family",
+        "export.maml_export", label="MAML",
+    ),
 }  # fmt: skip
 
 
