@@ -103,7 +103,9 @@ def _train(cfg, run_dir: Path, args: argparse.Namespace) -> int:
     entry = entry_of(cfg)
     start = time.perf_counter()
     state = entry.impl().train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    png = plot_learning_curve(run_dir, f"{cfg.env.name} ({entry.label})")
+    png = run_dir / "learning_curve.png"
+    if not png.is_file():  # RL² and MAML draw their own (their metrics differ from SAC's)
+        png = plot_learning_curve(run_dir, f"{cfg.env.name} ({entry.label})")
     last = state.history[-1] if state.history else {}
     print(
         f"trained {cfg.env.name}: {state.iteration} iterations, {state.env_steps} env steps, "
