@@ -107,11 +107,13 @@ def _train(cfg, run_dir: Path, args: argparse.Namespace) -> int:
     if not png.is_file():  # RL² and MAML draw their own (their metrics differ from SAC's)
         png = plot_learning_curve(run_dir, f"{cfg.env.name} ({entry.label})")
     last = state.history[-1] if state.history else {}
+    evals = {k: v for k, v in last.items() if k.startswith("eval_") and isinstance(v, float)}
+    updates = getattr(state, "updates", None)
     print(
-        f"trained {cfg.env.name}: {state.iteration} iterations, {state.env_steps} env steps, "
-        f"{state.updates} updates in {time.perf_counter() - start:.0f} s; "
-        f"test return ep1 {last.get('eval_return_ep1', float('nan')):.2f}, "
-        f"ep2 {last.get('eval_return_ep2', float('nan')):.2f}"
+        f"trained {entry.label} on {cfg.env.name}: {state.iteration} iterations, "
+        f"{state.env_steps} env steps, {'' if updates is None else f'{updates} updates, '}"
+        f"{time.perf_counter() - start:.0f} s; "
+        + (", ".join(f"{k} {v:.2f}" for k, v in evals.items()) or "no evaluation yet")
     )
     print(f"run directory: {run_dir}  (learning curve: {png})")
     return 0
