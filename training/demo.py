@@ -47,6 +47,14 @@ QUICK_ORACLE = [
 QUICK: dict[str, list[str]] = {
     "oracle": QUICK_ORACLE,
     "pearl": QUICK_ORACLE,
+    "maml": [
+        "train.iterations=3",
+        "maml.episodes_per_step=2",
+        "maml.meta_batch=4",
+        "model.hidden=[32,32]",
+        "train.eval_every=3",
+        "eval.tasks=8",
+    ],
     "rl2": [
         "train.iterations=4",
         "train.trials_per_iter=16",
@@ -60,7 +68,7 @@ QUICK: dict[str, list[str]] = {
 
 #: Overrides of the full demo's training budget: none, the default drone-wind configs (150
 #: iterations each). Trained side by side on 2 cores, `make demo` stays within 10 minutes.
-FULL_BUDGET: dict[str, list[str]] = {"oracle": [], "pearl": [], "rl2": []}
+FULL_BUDGET: dict[str, list[str]] = {"oracle": [], "pearl": [], "rl2": [], "maml": []}
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -69,7 +77,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--out", default="reports/demo", help="report folder (overwritten)")
     p.add_argument("--quick", action="store_true", help="tiny training (~1 min): a smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algo", default="pearl", help="family to demo: pearl (default) or rl2")
+    p.add_argument("--algo", default="pearl", help="family to demo: pearl (default), rl2, maml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the family's training config")  # fmt: skip
     p.set_defaults(handler=cmd_demo)
@@ -285,6 +293,15 @@ def start_fleet(out: Path) -> Fleet:
     return Fleet(out).start()
 
 
+def episodes_to_show(bundle: Path, base: int = 3) -> int:
+    """Episodes per task in the demo: 3, or enough to see an episodic family adapt (MAML: its
+    exploration episodes, then one adapted)."""
+    from runtime.bundle import read_manifest
+
+    ep = read_manifest(bundle).adaptation.episodic
+    return base if ep is None else max(base, ep.every_episodes + 1)
+
+
 def evaluate_unseen(bundle: Path, oracle_run: Path, seed: int) -> dict[str, Any]:
     """The meta-test protocol on the bundle (onnxruntime), normalized by the torch oracle."""
     from runtime.agent import evaluate_bundle
@@ -292,7 +309,7 @@ def evaluate_unseen(bundle: Path, oracle_run: Path, seed: int) -> dict[str, Any]
     from runtime.tasks import make_family
     from training.evaluate import oracle_return_on
 
-    tasks, episodes = 10, 3
+    tasks, episodes = 10, episodes_to_show(bundle)
     task_set = held_out_tasks(make_family(ENV), "test", tasks, seed)
     oracle = oracle_return_on(oracle_run, ENV, task_set, seed)
     return evaluate_bundle(bundle, "test", tasks, episodes, seed, oracle).to_dict()
@@ -319,11 +336,12 @@ def fly_scenarios(root: Path, fleet: Fleet, seed: int, bundle: Path) -> dict[str
     shifted[1] = -calm[1]
     storm = env.sample_tasks("ood", 1, rng)[0]
     horizon = env.spec.horizon
+    n = episodes_to_show(bundle)
     plans = {
-        "unseen_wind": dict(task=calm, episodes=3),
-        "ood_storm": dict(task=storm, episodes=2, split="ood"),
+        "unseen_wind": dict(task=calm, episodes=n),
+        "ood_storm": dict(task=storm, episodes=max(2, n - 1), split="ood"),
         "wind_change": dict(
-            task=calm, episodes=3, change_at=horizon + horizon // 2, change_task=shifted,
+            task=calm, episodes=n, change_at=horizon + horizon // 2, change_task=shifted,
             **tracking,
         ),
     }  # fmt: skip
