@@ -24,7 +24,6 @@ fleet runtime calls the B = 1 graph once per agent.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from torch import nn
 from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from export.graphs import BATCH, ActionScale
-from export.onnx_export import DEFAULT_OPSET, check_graph
+from export.graphs import ActionScale
+from export.onnx_export import DEFAULT_OPSET, export_module
 from runtime.tasks.base import FamilySpec
 from training.maml_inner import AdaptSettings, adapt
 from training.maml_networks import PolicyLayout, policy_log_std, policy_mean
@@ -168,17 +167,4 @@ def _export(
     opset: int,
     dynamic: bool = True,
 ) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes={name: {0: BATCH} for name in inputs + outputs} if dynamic else None,
-            do_constant_folding=True,
-        )
-    check_graph(path)
+    export_module(module, example, inputs, outputs, path, opset, dynamic)

@@ -27,22 +27,36 @@ def export_graph(
     """Export ``module`` as graph ``graph`` ("step", "act" or a family's extra graph) to
     ``path``; ``dims`` is the family's dims object (:class:`export.family.GraphDims`)."""
     inputs, outputs = dims.graph_io(graph)
-    module = module.eval()
+    export_module(module.eval(), example_inputs(graph, dims), inputs, outputs, path, opset)
+    return graph_spec(graph, dims, path.name)
+
+
+def export_module(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+) -> None:
+    """The one exporter call every graph goes through: legacy TorchScript exporter, named
+    I/O, constant folding, a dynamic batch axis unless ``dynamic`` is False (traced graphs
+    with static shapes), then the ONNX checker."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(
             module,
-            example_inputs(graph, dims),
+            example,
             str(path),
             dynamo=False,
             opset_version=opset,
             input_names=list(inputs),
             output_names=list(outputs),
-            dynamic_axes={name: {0: BATCH} for name in inputs + outputs},
+            dynamic_axes={name: {0: BATCH} for name in inputs + outputs} if dynamic else None,
             do_constant_folding=True,
         )
     check_graph(path)
-    return graph_spec(graph, dims, path.name)
 
 
 def check_graph(path: Path) -> None:

@@ -18,7 +18,6 @@ graphs hold plain MatMul/Sigmoid/Tanh nodes and no ONNX GRU op.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from export.graphs import BATCH, ActionScale
-from export.onnx_export import DEFAULT_OPSET, check_graph
+from export.onnx_export import DEFAULT_OPSET, export_module
 from runtime.tasks.base import FamilySpec
 from runtime.transition import transition_dim
 from training.rl2_networks import RL2Agent
@@ -153,20 +152,7 @@ def export_rl2_graphs(
 
 def _export(module: nn.Module, graph: str, dims: RL2Dims, path: Path, opset: int) -> None:
     inputs, outputs = graph_io(graph)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            module,
-            example_inputs(graph, dims),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes={name: {0: BATCH} for name in inputs + outputs},
-            do_constant_folding=True,
-        )
-    check_graph(path)
+    export_module(module, example_inputs(graph, dims), inputs, outputs, path, opset)
 
 
 # -- parity ---------------------------------------------------------------------------------

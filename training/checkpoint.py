@@ -48,15 +48,21 @@ def save_checkpoint(
 ) -> Path:
     """Write ``iter_NNNNNN.pt`` atomically and point ``latest.pt`` at the same content:
     every module's ``state_dict`` under ``nets`` plus ``extra``."""
-    ckdir = checkpoint_dir(run_dir)
-    ckdir.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "nets": {name: m.state_dict() for name, m in modules.items()},
         **extra,
     }
-    path = ckdir / f"iter_{int(extra.get('iteration', 0)):06d}.pt"
+    return write_checkpoint(run_dir, payload, int(extra.get("iteration", 0)))
+
+
+def write_checkpoint(run_dir: Path, payload: dict[str, Any], iteration: int) -> Path:
+    """``checkpoints/iter_NNNNNN.pt`` and ``latest.pt`` with ``payload``, each written to a
+    temporary file and renamed (a crash never leaves a half-written checkpoint)."""
+    ckdir = checkpoint_dir(run_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    path = ckdir / f"iter_{iteration:06d}.pt"
     for target in (path, ckdir / LATEST):
         tmp = target.with_suffix(".tmp")
         torch.save(payload, tmp)

@@ -33,6 +33,7 @@ import yaml
 from runtime.errors import CheckpointError
 from runtime.tasks import Split, TaskFamily, make_family
 from runtime.tasks.base import FamilySpec
+from training.checkpoint import write_checkpoint
 from training.maml_config import MAMLTrainConfig
 from training.maml_inner import AdaptSettings, batch_advantages, inner_update
 from training.maml_networks import (
@@ -45,8 +46,16 @@ from training.maml_networks import (
 )
 from training.maml_policy import MAMLPolicy, evaluate_policy
 from training.plots import read_metrics
+from training.progress import Progress
 
 log = logging.getLogger(__name__)
+
+#: What the progress bar shows of each iteration.
+MAML_POSTFIX = {
+    "pre": ("train_pre", "{:.1f}"),
+    "post": ("train_post", "{:.1f}"),
+    "test_post": ("eval_post", "{:.1f}"),
+}
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -107,7 +116,13 @@ def train(
         write_run_config(run_dir, cfg)
     m, e = cfg.maml.meta_batch, cfg.maml.episodes_per_step
     env = make_family(cfg.env.name, m * e)
-    bar = _progress(cfg, state, progress)
+    bar = Progress(
+        progress,
+        cfg.train.iterations,
+        state.iteration,
+        f"train {cfg.env.name} (MAML)",
+        MAML_POSTFIX,
+    )
     start, steps_at_start = time.perf_counter(), state.env_steps
     while state.iteration < cfg.train.iterations:
         tasks = sample_tasks(state)
@@ -125,11 +140,10 @@ def train(
         state.history.append(row)
         if state.iteration % cfg.train.checkpoint_every == 0:
             checkpoint(state, run_dir)
-        _advance(bar, row)
+        bar.advance(row)
     checkpoint(state, run_dir)
     plot_curve(run_dir)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return state
 
 
@@ -299,8 +313,6 @@ def write_run_config(run_dir: Path, cfg: MAMLTrainConfig) -> None:
 
 def checkpoint(state: MAMLState, run_dir: Path) -> Path:
     """theta, Adam, counters, the numpy RNG and the fixed train tasks (``latest.pt`` too)."""
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "theta": state.theta.detach().clone(),
@@ -311,12 +323,7 @@ def checkpoint(state: MAMLState, run_dir: Path) -> Path:
         "rng_numpy": json.dumps(state.rng.bit_generator.state),
         "train_tasks": None if state.train_tasks is None else torch.from_numpy(state.train_tasks),
     }
-    path = ckdir / f"iter_{state.iteration:06d}.pt"
-    for target in (path, ckdir / LATEST):
-        tmp = target.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(target)
-    return path
+    return write_checkpoint(run_dir, payload, state.iteration)
 
 
 def read_maml_checkpoint(path: Path) -> dict[str, Any]:
@@ -396,27 +403,3 @@ def plot_curve(run_dir: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _progress(cfg: MAMLTrainConfig, state: MAMLState, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.train.iterations,
-        initial=state.iteration,
-        desc=f"maml {cfg.env.name}",
-        unit="it",
-        dynamic_ncols=True,
-    )
-
-
-def _advance(bar, row: dict[str, Any]) -> None:
-    if bar is None:
-        return
-    post = {"pre": f"{row['train_pre']:.1f}", "post": f"{row['train_post']:.1f}"}
-    if "eval_post" in row:
-        post["test_post"] = f"{row['eval_post']:.1f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)

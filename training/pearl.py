@@ -43,8 +43,18 @@ from training.collect import collect_episodes
 from training.config import PearlConfig as TrainConfig
 from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
 from training.policy import OraclePolicy, PearlPolicy
+from training.progress import Progress
 
 log = logging.getLogger(__name__)
+
+#: What the progress bar shows of each iteration.
+PEARL_POSTFIX = {
+    "steps/s": ("env_steps_per_s", "{:.0f}"),
+    "ret": ("train_return", "{:.2f}"),
+    "Lq": ("loss_critic", "{:.3f}"),
+    "Lpi": ("loss_actor", "{:.3f}"),
+    "eval1": ("eval_return_ep1", "{:.2f}"),
+}
 
 BUFFER_FILE = "buffer.npz"
 METRICS_FILE = "metrics.jsonl"
@@ -87,7 +97,14 @@ def train(
     env = make_family(cfg.env.name, cfg.train.tasks_per_iter)
     if state.iteration == 0 and cfg.train.initial_episodes:
         collect_initial(state)
-    bar = _progress(cfg, state, progress, bar_position)
+    bar = Progress(
+        progress,
+        cfg.train.iterations,
+        state.iteration,
+        f"train {cfg.env.name}{' (oracle)' if is_oracle(cfg) else ''}",
+        PEARL_POSTFIX,
+        bar_position,
+    )
     start = time.perf_counter()
     steps_at_start = state.env_steps
     while state.iteration < cfg.train.iterations:
@@ -103,10 +120,9 @@ def train(
         state.history.append(row)
         if state.iteration % cfg.train.checkpoint_every == 0:
             checkpoint(state, run_dir)
-        _advance(bar, row)
+        bar.advance(row)
     checkpoint(state, run_dir)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return state
 
 
@@ -397,36 +413,6 @@ def restore(state: TrainState, run_dir: Path) -> None:
     with np.load(checkpoint_dir(run_dir) / BUFFER_FILE, allow_pickle=False) as buf:
         state.buffer.load_state_dict(dict(buf))
     log.info("resumed %s at iteration %d", run_dir, state.iteration)
-
-
-def _progress(cfg: TrainConfig, state: TrainState, enabled: bool, position: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.train.iterations,
-        initial=state.iteration,
-        desc=f"train {cfg.env.name}{' (oracle)' if is_oracle(cfg) else ''}",
-        unit="it",
-        dynamic_ncols=True,
-        position=position,
-    )
-
-
-def _advance(bar, row: dict[str, Any]) -> None:
-    if bar is None:
-        return
-    post = {
-        "steps/s": f"{row['env_steps_per_s']:.0f}",
-        "ret": f"{row['train_return']:.2f}",
-        "Lq": f"{row['loss_critic']:.3f}",
-        "Lpi": f"{row['loss_actor']:.3f}",
-    }
-    if "eval_return_ep1" in row:
-        post["eval1"] = f"{row['eval_return_ep1']:.2f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
 
 
 # -- registry hooks (training.registry) ---------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +45,26 @@ from training.checkpoint import (
     LATEST,
     checkpoint_dir,
     read_checkpoint,
+    write_checkpoint,
     write_run_config,
 )
 from training.plots import plot_learning_curve
+from training.progress import Progress
 from training.rl2_config import RL2TrainConfig
 from training.rl2_networks import RL2Agent
 from training.rl2_policy import RL2Policy
 
 log = logging.getLogger(__name__)
+
+#: What the progress bar shows of each iteration.
+RL2_POSTFIX = {
+    "steps/s": ("env_steps_per_s", "{:.0f}"),
+    "ret": ("train_return", "{:.2f}"),
+    "Lv": ("loss_critic", "{:.3f}"),
+    "kl": ("approx_kl", "{:.4f}"),
+    "eval1": ("eval_return_ep1", "{:.2f}"),
+    "eval2": ("eval_return_ep2", "{:.2f}"),
+}
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -125,7 +136,14 @@ def train(
     else:
         write_run_config(run_dir, cfg)  # type: ignore[arg-type]  (any pydantic config)
     env = make_family(cfg.env.name, cfg.train.trials_per_iter)
-    bar = _progress(cfg, state, progress, bar_position)
+    bar = Progress(
+        progress,
+        cfg.train.iterations,
+        state.iteration,
+        f"train {cfg.env.name} (RL²)",
+        RL2_POSTFIX,
+        bar_position,
+    )
     start = time.perf_counter()
     steps_at_start = state.env_steps
     while state.iteration < cfg.train.iterations:
@@ -141,10 +159,9 @@ def train(
         state.history.append(row)
         if state.iteration % cfg.train.checkpoint_every == 0:
             checkpoint(state, run_dir)
-        _advance(bar, row)
+        bar.advance(row)
     checkpoint(state, run_dir)
-    if bar is not None:
-        bar.close()
+    bar.close()
     plot_learning_curve(run_dir, f"{cfg.env.name} (RL²)")
     return state
 
@@ -412,8 +429,6 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 def checkpoint(state: TrainState, run_dir: Path) -> Path:
     """Write ``checkpoints/iter_NNNNNN.pt`` and ``latest.pt`` atomically (same layout and
     format as :mod:`training.checkpoint`, with the agent under ``nets["agent"]``)."""
-    ckdir = checkpoint_dir(run_dir)
-    ckdir.mkdir(parents=True, exist_ok=True)
     rms = state.return_rms
     payload = {
         "format": FORMAT,
@@ -430,12 +445,7 @@ def checkpoint(state: TrainState, run_dir: Path) -> Path:
     }
     if state.train_tasks is not None:
         payload["train_tasks"] = torch.from_numpy(state.train_tasks.copy())
-    path = ckdir / f"iter_{state.iteration:06d}.pt"
-    for target in (path, ckdir / LATEST):
-        tmp = target.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, target)
-    return path
+    return write_checkpoint(run_dir, payload, state.iteration)
 
 
 def restore(state: TrainState, run_dir: Path) -> None:
@@ -490,34 +500,3 @@ def load_rl2_run(run_dir: str | Path, checkpoint_path: str | Path | None = None)
     agent = build_agent(cfg, family.spec)
     load_agent_state(agent, read_checkpoint(ck), run_dir)
     return LoadedRL2Run(run_dir, cfg, family, agent.eval())
-
-
-def _progress(cfg: RL2TrainConfig, state: TrainState, enabled: bool, position: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.train.iterations,
-        initial=state.iteration,
-        desc=f"train {cfg.env.name} (RL²)",
-        unit="it",
-        dynamic_ncols=True,
-        position=position,
-    )
-
-
-def _advance(bar, row: dict[str, Any]) -> None:
-    if bar is None:
-        return
-    post = {
-        "steps/s": f"{row['env_steps_per_s']:.0f}",
-        "ret": f"{row['train_return']:.2f}",
-        "Lv": f"{row['loss_critic']:.3f}",
-        "kl": f"{row['approx_kl']:.4f}",
-    }
-    if "eval_return_ep1" in row:
-        post["eval1"] = f"{row['eval_return_ep1']:.2f}"
-        post["eval2"] = f"{row['eval_return_ep2']:.2f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
