@@ -216,3 +216,43 @@ def test_maml_adapts_between_episodes_in_onnxruntime(tmp_path_factory):
     assert not np.allclose(agent.state["weights"], theta)
     rollout(agent, ENV, t, 1, seed=1)  # begin_task: back to theta, no adaptation yet
     np.testing.assert_array_equal(agent.state["weights"], np.tile(theta, (len(t), 1)))
+
+
+@pytest.mark.parametrize("algo", EXPORTABLE)
+def test_one_absurd_observation_leaves_no_trace_in_any_family(algo, tmp_path_factory):
+    """Issue 17 part 4 for every family: a finite but absurd reading (1e6 everywhere) is
+    refused like a non-finite one (event, fallback action within bounds), and the state
+    afterwards matches that of an agent that never saw it (to float32 rounding: the glitch
+    makes the next action come from the act graph instead of the step graph's cache)."""
+    bundle = bundle_of(algo, tmp_path_factory)
+    clean, hit = Agent.load(bundle), Agent.load(bundle)
+    spec = make_family(ENV).spec
+    trans = [(o.astype(np.float32), a, r, n.astype(np.float32)) for o, a, r, n in _walk(15)]
+    for i, (o, a, r, n) in enumerate(trans):
+        clean.observe(o, a, r, n)
+        hit.observe(o, a, r, n)
+        if i == 7:  # the glitch, then the agent sees real readings again
+            absurd = np.full(spec.obs_dim, 1e6, np.float32)
+            hit.observe(n, a, r, absurd)
+            action = hit.act(absurd)
+            assert np.isfinite(action).all() and np.abs(action).max() <= 1.0
+            hit.observe(absurd, a, r, n)
+    kinds = [e.kind for e in hit.drain_events()]
+    assert kinds.count("out_of_bounds_input") == 2 and "fallback_action" in kinds
+    assert hit.summary.skipped == 2 and hit.summary.count == clean.summary.count
+    for name, arr in clean.state.items():
+        np.testing.assert_allclose(hit.state[name], arr, rtol=1e-4, atol=1e-5)
+
+
+def _walk(n: int) -> list[tuple]:
+    """A point-nav trajectory of ``n`` (obs, normalized action, reward, next_obs)."""
+    env = make_family(ENV, 1)
+    rng = np.random.default_rng(2)
+    obs = env.reset(tasks(1), rng)
+    out = []
+    for _ in range(n):
+        a = rng.uniform(-1, 1, (1, env.spec.act_dim)).astype(np.float32)
+        res = env.step(env.spec.act_low + (env.spec.act_high - env.spec.act_low) / 2 * (a + 1))
+        out.append((obs[0], a[0], float(res.reward[0]), res.obs[0]))
+        obs = res.obs
+    return out
