@@ -72,8 +72,11 @@ class _MujocoFamily(TaskFamily):
     """Shared reset (gymnasium's v5 noise) for a family simulated by :class:`MjBatch`."""
 
     xml: str
+    gym_id: str
     mode: Mode = "rollout"
     contact_forces = False
+    #: ``edgeadapt bench envs`` sizes: batch, steps, repeats.
+    BENCH_SIZE = (64, 200, 3)
 
     def __init__(self, num_envs: int = 1, mode: Mode | None = None, threads: int = 1) -> None:
         super().__init__(num_envs)
@@ -86,6 +89,23 @@ class _MujocoFamily(TaskFamily):
             contact_forces=self.contact_forces,
         )
         self.dt = float(self.sim.model.opt.timestep) * FRAME_SKIP
+        self.bench_path = (
+            f"mujoco.rollout over the batch, {threads} thread(s)"
+            if self.sim.mode == "rollout"
+            else "one Python loop over MjData calling mujoco.mj_step"
+        )
+
+    def bench_variants(self, batch: int) -> dict[str, TaskFamily]:
+        """The same family run other ways, for ``edgeadapt bench envs``."""
+        variants: dict[str, TaskFamily] = {}
+        if self.sim.mode == "rollout":
+            variants["one Python loop over MjData calling mujoco.mj_step"] = type(self)(
+                batch, mode="loop"
+            )
+        variants[f"a Python loop over gymnasium {self.gym_id} envs (GymAdapter)"] = (
+            gymnasium_family(self.spec.name, batch)
+        )
+        return variants
 
     def _reset_sim(self, rng: np.random.Generator) -> None:
         """qpos0 + U[-0.1, 0.1], qvel ~ N(0, 0.1^2): HalfCheetah-v5's and Ant-v5's reset."""
@@ -99,6 +119,7 @@ class CheetahVel(_MujocoFamily):
     """HalfCheetah-v5 running at a target forward velocity."""
 
     xml = "half_cheetah.xml"
+    gym_id = "HalfCheetah-v5"
     spec = FamilySpec(
         name="cheetah-vel",
         obs_dim=17,
@@ -204,6 +225,7 @@ class AntDir(_MujocoFamily):
     """Ant-v5 walking in a direction: forward or backward (+-45 deg), sideways out of range."""
 
     xml = "ant.xml"
+    gym_id = "Ant-v5"
     mode: Mode = "loop"
     contact_forces = True
     spec = FamilySpec(
@@ -261,6 +283,77 @@ class AntDir(_MujocoFamily):
     def _obs(self) -> np.ndarray:
         forces = np.clip(self.sim.cfrc_ext[:, 1:], -1.0, 1.0).reshape(self.num_envs, -1)
         return np.concatenate([self.sim.qpos[:, 2:], self.sim.qvel, forces], axis=1)
+
+
+def gymnasium_family(name: str, num_envs: int) -> TaskFamily:
+    """``cheetah-vel`` or ``ant-dir`` as N gymnasium envs in a Python loop (:class:`GymAdapter`):
+    the reference for speed and for equality of observations and rewards."""
+    import gymnasium as gym
+
+    from runtime.tasks.gym_adapter import GymAdapter
+
+    cheetah = name == "cheetah-vel"
+    family = CheetahVel if cheetah else AntDir
+
+    def set_task(env: gym.Env, task: np.ndarray) -> None:
+        env.unwrapped.meta_task = np.asarray(task, dtype=np.float64)
+
+    def make_env(task: np.ndarray) -> gym.Env:
+        env = _task_reward(gym.make(family.gym_id, max_episode_steps=HORIZON), cheetah)
+        set_task(env, task)
+        return env
+
+    adapter = GymAdapter(
+        name=f"{name}-gymnasium",
+        make_env=make_env,
+        splits=CHEETAH_SPLITS if cheetah else _GymDirectionSplits(),
+        task_names=family.spec.task_names,
+        set_task=set_task,
+        horizon=HORIZON,
+    )
+    return adapter(num_envs)
+
+
+def _reward_wrapper():
+    import gymnasium as gym
+
+    class TaskReward(gym.Wrapper):
+        """Replaces the v5 reward by cheetah-vel's or ant-dir's, from gymnasium's own info."""
+
+        def __init__(self, env: gym.Env, cheetah: bool) -> None:
+            super().__init__(env)
+            self.cheetah = cheetah
+
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            task = self.env.unwrapped.meta_task
+            a = np.asarray(action, dtype=np.float64)[None]
+            if self.cheetah:
+                reward = cheetah_reward(np.array([info["x_velocity"]]), task[:1], a)[0]
+            else:
+                forward = info["x_velocity"] * task[0] + info["y_velocity"] * task[1]
+                reward = reward - info["reward_forward"] + forward
+            return obs, float(reward), terminated, truncated, info
+
+    return TaskReward
+
+
+def _task_reward(env, cheetah: bool):
+    """``env`` with the family's reward (the wrapper class is built lazily: gymnasium)."""
+    return _reward_wrapper()(env, cheetah)
+
+
+class _GymDirectionSplits:
+    """:data:`ANT_SPLITS` with the ``task_low``/``task_high`` a GymAdapter asks for."""
+
+    task_low = AntDir.spec.task_low
+    task_high = AntDir.spec.task_high
+
+    def sample(self, split: Split, n: int, rng: np.random.Generator) -> np.ndarray:
+        return ANT_SPLITS.sample(split, n, rng)
+
+    def split_of(self, tasks: np.ndarray) -> np.ndarray:
+        return ANT_SPLITS.split_of(tasks)
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:

@@ -45,6 +45,9 @@ class ML1Family(TaskFamily):
 
     env_name: str
     name: str
+    #: ``edgeadapt bench envs`` sizes: batch, steps, repeats.
+    BENCH_SIZE = (10, 100, 3)
+    bench_path = "a Python loop over Meta-World envs (env.step: MuJoCo + Python reward)"
 
     def __init__(self, num_envs: int = 1, horizon: int = MAX_PATH_LENGTH) -> None:
         if not 1 <= horizon <= MAX_PATH_LENGTH:

@@ -61,8 +61,14 @@ def available_families() -> list[str]:
 
 def missing_modules(name: str) -> list[str]:
     """Modules an optional family needs that are not installed (found without importing)."""
-    needs = OPTIONAL_FAMILIES[name][1]
-    return [m for m in needs if importlib.util.find_spec(m) is None]
+    return [m for m in OPTIONAL_FAMILIES[name][1] if not _installed(m)]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked import (sys.modules[name] = None)
+        return False
 
 
 def _optional_factory(name: str) -> FamilyFactory:
