@@ -265,7 +265,7 @@ class AntDir(_MujocoFamily):
         return self._last_obs.copy()
 
     def _step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self.sim.step(action)
+        self.sim.step(action, active=~self._done)
         xy = self.sim.body_xpos(1)[:, :2].copy()
         self.xy_velocity = (xy - self._xy) / self.dt
         self._xy = xy

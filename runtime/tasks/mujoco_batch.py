@@ -91,8 +91,9 @@ class MjBatch:
                 data.qpos[:], data.qvel[:] = qpos[i], qvel[i]
                 mujoco.mj_forward(self.model, data)
 
-    def step(self, ctrl: np.ndarray) -> None:
-        """Hold ``ctrl`` ``(N, nu)`` for ``frame_skip`` physics steps in every simulation."""
+    def step(self, ctrl: np.ndarray, active: np.ndarray | None = None) -> None:
+        """Hold ``ctrl`` ``(N, nu)`` for ``frame_skip`` physics steps in every simulation (with
+        mode='loop', only where ``active``: terminated episodes cost nothing)."""
         if self.mode == "rollout":
             control = np.repeat(ctrl[:, None, :], self.frame_skip, axis=1)
             mj_rollout.rollout(
@@ -106,7 +107,9 @@ class MjBatch:
             )
             self.state[:] = self._out[:, -1]
             return
-        for i, data in enumerate(self._datas):
+        indices = range(self.num_envs) if active is None else np.flatnonzero(active)
+        for i in indices:
+            data = self._datas[i]
             data.ctrl[:] = ctrl[i]
             mujoco.mj_step(self.model, data, nstep=self.frame_skip)
             if self.contact_forces:
