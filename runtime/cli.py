@@ -38,6 +38,8 @@ EXTRA_OF_MODULE = {
     "onnx": "export",
     "onnxscript": "export",
     "tensorrt": "trt",
+    "mujoco": "bench",
+    "metaworld": "bench",
 }
 
 

@@ -31,3 +31,7 @@ class NonFiniteError(EdgeadaptError):
 
 class BundleError(EdgeadaptError):
     """A bundle failed verification (hash, signature, schema, compatibility)."""
+
+
+class MissingExtraError(EdgeadaptError):
+    """An optional extra (``pip install 'edgeadapt[bench]'``) is needed and not installed."""

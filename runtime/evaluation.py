@@ -68,13 +68,22 @@ class RandomPolicy:
 
 @dataclass
 class RolloutResult:
-    """Per-episode returns: ``returns_TE[t, e]`` for task t, episode e."""
+    """Per-episode returns: ``returns_TE[t, e]`` for task t, episode e; ``success_TE`` (1 when
+    any step of the episode was a success) for families with a success criterion."""
 
     returns_TE: np.ndarray
+    success_TE: np.ndarray | None = None
 
     @property
     def by_episode(self) -> list[float]:
         return [float(x) for x in self.returns_TE.mean(axis=0)]
+
+    @property
+    def success_by_episode(self) -> list[float] | None:
+        """Success rate over tasks per episode index, or None without a success criterion."""
+        if self.success_TE is None:
+            return None
+        return [float(x) for x in self.success_TE.mean(axis=0)]
 
 
 def held_out_tasks(family: TaskFamily, split: Split | str, n: int, seed: int) -> np.ndarray:
@@ -104,6 +113,7 @@ def rollout(
     half = (spec.act_high - spec.act_low) / 2.0
     policy.begin_task(tasks_BK)
     returns = np.zeros((len(tasks_BK), episodes))
+    success: np.ndarray | None = None
     for ep in range(episodes):
         obs = env.reset(tasks_BK, rng)
         policy.begin_episode()
@@ -114,8 +124,11 @@ def rollout(
             done = np.full(len(tasks_BK), t == spec.horizon - 1)
             policy.observe(obs, action, res.reward, res.obs, done)
             returns[:, ep] += res.reward
+            if res.success is not None:
+                success = np.zeros_like(returns) if success is None else success
+                success[:, ep] = np.maximum(success[:, ep], res.success)
             obs = res.obs
-    return RolloutResult(returns)
+    return RolloutResult(returns, success)
 
 
 @dataclass
@@ -133,6 +146,9 @@ class EvalReport:
     oracle_return: float | None
     random_return: float
     source: str = ""
+    #: Fraction of tasks whose episode had a successful step, per episode index (families with
+    #: a success criterion, e.g. Meta-World); None otherwise.
+    success_by_episode: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,4 +198,5 @@ def meta_test(
         oracle_return=oracle_return,
         random_return=random_return,
         source=source,
+        success_by_episode=res.success_by_episode,
     )

@@ -26,6 +26,14 @@ run_example()  # registers "pendulum-varied"
 BUILTINS = {"point-nav", "point-nav-sparse", "drone-wind", "car-friction", "nav2d"}
 FAMILIES = sorted(BUILTINS | {"pendulum-varied"} | set(available_families()))
 N = 8
+#: Fewer envs for the simulator-backed families of the bench extra, to keep the suite fast.
+SMALL_N = {"cheetah-vel": 4, "ant-dir": 4, "ml1-reach": 2, "ml1-push": 2}
+
+
+def n_envs(family: str) -> int:
+    return SMALL_N.get(family, N)
+
+
 SPLITS = (Split.TRAIN, Split.TEST, Split.OOD)
 
 Policy = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
@@ -54,6 +62,20 @@ def pendulum_policy(obs: np.ndarray, tasks: np.ndarray, rng: np.random.Generator
     return np.clip(np.where(np.cos(theta) > 0.85, balance, pump), -2.0, 2.0)[:, None]
 
 
+def deterministic_policy(env: TaskFamily) -> Policy:
+    """A fixed function of the observation (no rng): two copies act alike until they differ."""
+    spec = env.spec
+    mid, half = (spec.act_low + spec.act_high) / 2, (spec.act_high - spec.act_low) / 2
+    idx = np.arange(spec.act_dim) % spec.obs_dim
+    return lambda obs, tasks, rng: mid + half * np.tanh(obs[:, idx])
+
+
+def ml1_reach_policy(obs: np.ndarray, tasks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Hand straight to the goal (task[3:6]); the gripper stays put."""
+    move = np.clip(20.0 * (tasks[:, 3:6] - obs[:, :3]), -1.0, 1.0)
+    return np.concatenate([move, np.zeros((len(obs), 1))], axis=1)
+
+
 INFORMED: dict[str, Policy] = {
     "point-nav": point_nav_policy,
     "point-nav-sparse": point_nav_policy,
@@ -61,6 +83,7 @@ INFORMED: dict[str, Policy] = {
     "car-friction": lambda obs, tasks, rng: car_friction.expert_action(obs, tasks),
     "pendulum-varied": pendulum_policy,
     "nav2d": lambda obs, tasks, rng: nav2d.oracle_action(obs, tasks),
+    "ml1-reach": ml1_reach_policy,
 }
 
 
@@ -79,7 +102,8 @@ def rollout(env: TaskFamily, tasks: np.ndarray, policy: Policy, seed: int) -> di
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def tasks_of(env: TaskFamily, split: Split, seed: int = 0, n: int = N) -> np.ndarray:
+def tasks_of(env: TaskFamily, split: Split, seed: int = 0, n: int | None = None) -> np.ndarray:
+    n = n_envs(env.spec.name) if n is None else n
     return env.sample_tasks(split, n, np.random.default_rng(seed))
 
 
@@ -102,24 +126,25 @@ def test_spec_is_consistent(family: str) -> None:
 
 
 def test_shapes_and_dtypes(family: str) -> None:
-    env = make_family(family, N)
+    n = n_envs(family)
+    env = make_family(family, n_envs(family))
     spec = env.spec
     tasks = tasks_of(env, Split.TRAIN)
-    assert tasks.shape == (N, spec.task_dim)
+    assert tasks.shape == (n, spec.task_dim)
     obs = env.reset(tasks, np.random.default_rng(0))
-    assert obs.shape == (N, spec.obs_dim) and obs.dtype == np.float32
-    res = env.step(np.zeros((N, spec.act_dim)) + (spec.act_low + spec.act_high) / 2)
-    assert res.obs.shape == (N, spec.obs_dim) and res.obs.dtype == np.float32
-    assert res.reward.shape == (N,) and res.reward.dtype == np.float32
-    assert res.terminated.shape == res.truncated.shape == (N,)
+    assert obs.shape == (n, spec.obs_dim) and obs.dtype == np.float32
+    res = env.step(np.zeros((n, spec.act_dim)) + (spec.act_low + spec.act_high) / 2)
+    assert res.obs.shape == (n, spec.obs_dim) and res.obs.dtype == np.float32
+    assert res.reward.shape == (n,) and res.reward.dtype == np.float32
+    assert res.terminated.shape == res.truncated.shape == (n,)
     assert res.terminated.dtype == res.truncated.dtype == np.bool_
     with pytest.raises(ValueError):
-        env.step(np.zeros((N + 1, spec.act_dim)))
+        env.step(np.zeros((n + 1, spec.act_dim)))
 
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_observations_finite_and_within_bounds(family: str, split: Split) -> None:
-    env = make_family(family, N)
+    env = make_family(family, n_envs(family))
     spec = env.spec
     out = rollout(env, tasks_of(env, split), random_policy(env), seed=1)
     assert np.all(np.isfinite(out["obs"])) and np.all(np.isfinite(out["reward"]))
@@ -128,12 +153,13 @@ def test_observations_finite_and_within_bounds(family: str, split: Split) -> Non
 
 
 def test_actions_are_clipped_to_bounds(family: str) -> None:
+    n = n_envs(family)
     spec = make_family(family, 1).spec
-    env_a, env_b = make_family(family, N), make_family(family, N)
+    env_a, env_b = make_family(family, n_envs(family)), make_family(family, n_envs(family))
     tasks = tasks_of(env_a, Split.TRAIN)
     env_a.reset(tasks, np.random.default_rng(3))
     env_b.reset(tasks, np.random.default_rng(3))
-    huge = np.where(np.arange(N)[:, None] % 2 == 0, 1e6, -1e6) * np.ones((N, spec.act_dim))
+    huge = np.where(np.arange(n)[:, None] % 2 == 0, 1e6, -1e6) * np.ones((n, spec.act_dim))
     for _ in range(3):
         a = env_a.step(huge)
         b = env_b.step(np.clip(huge, spec.act_low, spec.act_high))
@@ -144,7 +170,7 @@ def test_actions_are_clipped_to_bounds(family: str) -> None:
 def test_same_seed_same_trajectory(family: str) -> None:
     runs = []
     for _ in range(2):
-        env = make_family(family, N)
+        env = make_family(family, n_envs(family))
         tasks = tasks_of(env, Split.OOD, seed=7)
         runs.append((tasks, rollout(env, tasks, random_policy(env), seed=7)))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
@@ -153,7 +179,7 @@ def test_same_seed_same_trajectory(family: str) -> None:
 
 
 def test_different_seeds_differ(family: str) -> None:
-    env = make_family(family, N)
+    env = make_family(family, n_envs(family))
     for split in SPLITS:
         assert not np.array_equal(tasks_of(env, split, seed=0), tasks_of(env, split, seed=1))
     a = rollout(env, tasks_of(env, Split.TRAIN, seed=0), random_policy(env), seed=0)
@@ -182,7 +208,7 @@ def test_splits_are_disjoint(family: str) -> None:
 
 
 def test_truncation_at_horizon(family: str) -> None:
-    env = make_family(family, N)
+    env = make_family(family, n_envs(family))
     out = rollout(env, tasks_of(env, Split.TEST), random_policy(env), seed=2)
     assert not out["truncated"][:-1].any()
     assert out["truncated"][-1].all()
@@ -191,11 +217,16 @@ def test_truncation_at_horizon(family: str) -> None:
 def test_set_tasks_changes_the_episode(family: str) -> None:
     """Identical until the switch; different after it (the informed policy reaches the goal
     region first, so even a sparse reward sees the new task)."""
-    env_a, env_b = make_family(family, N), make_family(family, N)
+    if family == "ml1-push":
+        pytest.skip(
+            "push's reward sees the goal only once the puck is grasped (no scripted "
+            "policy here); test_tasks_bench.py checks that set_tasks moves the goal"
+        )
+    env_a, env_b = make_family(family, n_envs(family)), make_family(family, n_envs(family))
     tasks, other = tasks_of(env_a, Split.TRAIN, seed=0), tasks_of(env_a, Split.TEST, seed=5)
     obs_a = env_a.reset(tasks, np.random.default_rng(4))
     obs_b = env_b.reset(tasks, np.random.default_rng(4))
-    policy, rng = INFORMED.get(family, random_policy(env_a)), np.random.default_rng(4)
+    policy, rng = INFORMED.get(family, deterministic_policy(env_a)), np.random.default_rng(4)
     switch = min(10, env_a.spec.horizon // 2)
     differs = []
     for k in range(switch + 5):
@@ -217,7 +248,7 @@ def test_set_tasks_changes_the_episode(family: str) -> None:
 def test_informed_policy_beats_random(family: str) -> None:
     if family not in INFORMED:
         pytest.skip(f"no hand-written informed policy for {family!r} in this test")
-    env = make_family(family, N)
+    env = make_family(family, n_envs(family))
     tasks = tasks_of(env, Split.TEST, seed=11)
     informed = rollout(env, tasks, INFORMED[family], seed=11)["reward"].sum(axis=0).mean()
     random = rollout(env, tasks, random_policy(env), seed=11)["reward"].sum(axis=0).mean()

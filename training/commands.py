@@ -161,12 +161,14 @@ def format_report(r: dict) -> str:
 
     eps = "  ".join(f"{'ep ' + str(i + 1):>8}" for i in range(r["episodes"]))
     oracle = "n/a" if r["oracle_return"] is None else f"{r['oracle_return']:.3f}"
+    success = r.get("success_by_episode")
     return "\n".join(
         [
             f"{r['env']} / {r['split']}: {r['tasks']} tasks x {r['episodes']} episodes",
             f"  {'':<24}{eps}",
             row("return (adaptive)", r["return_by_episode"]),
             row("normalized (adaptive)", r["normalized_by_episode"]),
+            *([row("success rate (adaptive)", success)] if success is not None else []),
             row("return (non-adaptive)", r["nonadaptive_return_by_episode"]),
             row("normalized (non-adaptive)", r["nonadaptive_normalized_by_episode"]),
             f"  random return {r['random_return']:.3f}   oracle return {oracle}",

@@ -61,6 +61,9 @@ class StepResult(NamedTuple):
     reward: np.ndarray  # (N,) float32
     terminated: np.ndarray  # (N,) bool
     truncated: np.ndarray  # (N,) bool
+    #: (N,) bool for families with a success criterion (Meta-World), else None. An episode
+    #: counts as a success when any of its steps is one (Meta-World's convention).
+    success: np.ndarray | None = None
 
 
 class TaskFamily(ABC):
@@ -112,7 +115,9 @@ class TaskFamily(ABC):
                 f"got {action.shape}"
             )
         action = np.clip(action, self.spec.act_low, self.spec.act_high)
-        obs, reward, terminated = self._step(action)
+        out = self._step(action)
+        obs, reward, terminated = out[:3]
+        success = np.asarray(out[3], dtype=bool) if len(out) > 3 else None
         self.t += 1
         truncated = self.t >= self.spec.horizon
         return StepResult(
@@ -120,6 +125,7 @@ class TaskFamily(ABC):
             reward.astype(np.float32),
             terminated.astype(bool),
             truncated,
+            success,
         )
 
     # -- for subclasses ---------------------------------------------------------------------
@@ -128,8 +134,9 @@ class TaskFamily(ABC):
         """Reset internal state for ``self.tasks``; return observations ``(N, obs_dim)``."""
 
     @abstractmethod
-    def _step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Advance the state with clipped ``action``; return ``(obs, reward, terminated)``."""
+    def _step(self, action: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Advance the state with clipped ``action``; return ``(obs, reward, terminated)``, or
+        ``(obs, reward, terminated, success)`` for a family with a success criterion."""
 
 
 def as_split(split: Split | str) -> Split:

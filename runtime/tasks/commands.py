@@ -21,9 +21,24 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b = bench.add_parser("envs", help="vectorized env-steps/s of every task family")
     add_plugin_arg(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--batch", type=_positive, default=256, help="environments per batch")
-    b.add_argument("--steps", type=_positive, default=500, help="batched steps per repeat")
-    b.add_argument("--repeats", type=_positive, default=5, help="timed repeats (median)")
+    b.add_argument(
+        "--batch",
+        type=_positive,
+        default=None,
+        help="environments per batch (default 256; MuJoCo families 64, Meta-World 10)",
+    )
+    b.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="batched steps per repeat (default 500; MuJoCo families 200, Meta-World 100)",
+    )
+    b.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        help="timed repeats, median (default 5; MuJoCo and Meta-World 3)",
+    )
     b.add_argument(
         "--split", choices=("train", "test", "ood"), default="train", help="task split to run"
     )
@@ -53,10 +68,10 @@ def _envs(args: argparse.Namespace) -> int:
 def _bench_envs(args: argparse.Namespace) -> int:
     from runtime.errors import UnknownNameError
     from runtime.tasks.benchmark import bench_family
-    from runtime.tasks.registry import available_families
+    from runtime.tasks.registry import OPTIONAL_FAMILIES, available_families
 
     names = args.family or available_families()
-    unknown = [n for n in names if n not in available_families()]
+    unknown = [n for n in names if n not in available_families() and n not in OPTIONAL_FAMILIES]
     if unknown:
         raise UnknownNameError(
             f"unknown env {unknown[0]!r}; available: {', '.join(available_families())}"
@@ -67,6 +82,8 @@ def _bench_envs(args: argparse.Namespace) -> int:
         return 0
     for r in results:
         print(f"{r.env:20s} {r.env_steps_per_s:12,.0f} env-steps/s (batch {r.batch}, median)")
+        for variant, rate in r.variants.items():
+            print(f"{'':20s} {rate:12,.0f} env-steps/s with {variant}")
     return 0
 
 
