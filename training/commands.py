@@ -144,12 +144,14 @@ def _evaluate_bundle(path: Path, args: argparse.Namespace):
         from runtime.tasks import make_family
         from training.evaluate import oracle_return_on
 
-        env = read_manifest(path).env
-        tasks = held_out_tasks(make_family(env), args.split, args.tasks or 20, args.seed)
+        manifest = read_manifest(path)
+        env = manifest.env
+        recorded = manifest.provenance.get("eval")
+        n = args.tasks or int(recorded.get("tasks", 20) if isinstance(recorded, dict) else 20)
+        tasks = held_out_tasks(make_family(env), args.split, n, args.seed)
         oracle_return = oracle_return_on(args.oracle, env, tasks, args.seed)
-    return evaluate_bundle(
-        path, args.split, args.tasks or 20, args.episodes or 3, args.seed, oracle_return
-    )
+    # tasks and episodes default to the run's eval settings recorded in the manifest
+    return evaluate_bundle(path, args.split, args.tasks, args.episodes, args.seed, oracle_return)
 
 
 def format_report(r: dict) -> str:
