@@ -89,9 +89,12 @@ class TorchStepper:
         self.inputs = [t.name for t in spec.inputs]
         self.outputs = [t.name for t in spec.outputs]
         ad = manifest.adaptation
-        self.state = {s.name: torch.from_numpy(s.initial()[None].copy()) for s in ad.state}
+        bundle = Path(bundle_dir)
+        self.state = {s.name: torch.from_numpy(s.initial(bundle)[None].copy()) for s in ad.state}
         self.fixed = {p.name: torch.full((1, 1), p.default) for p in ad.params}
         self.fixed["done"] = torch.zeros(1, 1)
+        if ad.noise is not None:  # the mean action: the runtime's exploration draws are not timed
+            self.fixed[ad.noise.input] = torch.zeros(1, ad.noise.dim)
         self.traj = traj
         self.pos = 0
         self.run(200)  # warm-up
