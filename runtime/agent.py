@@ -99,6 +99,10 @@ class AgentConfig:
     max_events: int = 1024
     #: Seed of the exploration noise of stochastic families (MAML), restarted at every task.
     seed: int = 0
+    #: Guards on an episodic adaptation's statistics (output name -> largest allowed value),
+    #: e.g. ``{"step_norm": 5.0}``: an inner step that moves the weights further is refused
+    #: (event ``adapt_rejected``) and the old weights are kept.
+    adapt_limits: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ class Agent:
         if ad.episodic is not None and self.config.adaptive:
             self._episodes = EpisodeBuffer(
                 ad.episodic, manifest, self.bundle_dir, self.providers, self._obs_dim,
-                self._act_dim,
+                self._act_dim, self.config.adapt_limits,
             )  # fmt: skip
         self.batch = 0
         self.reset(1)

@@ -20,6 +20,7 @@ import numpy as np
 
 from runtime.adaptation import STATE_OUT_SUFFIX, EpisodicSpec, NoiseSpec
 from runtime.bundle import Manifest
+from runtime.errors import BundleError
 from runtime.ood import Event
 from runtime.session import GraphSession
 
@@ -59,8 +60,10 @@ class EpisodeBuffer:
         providers: list[str],
         obs_dim: int,
         act_dim: int,
+        limits: dict[str, float] | None = None,
     ) -> None:
         self.spec = spec
+        self.limits = dict(limits or {})
         graph = manifest.graph(spec.graph)
         self.session = GraphSession(bundle_dir / graph.file, graph, batch=1, providers=providers)
         self.widths = {
@@ -68,6 +71,11 @@ class EpisodeBuffer:
             for f in spec.fields
         }
         self.outputs = [t.name for t in graph.outputs]
+        unknown = set(self.limits) - set(self.outputs)
+        if unknown:
+            raise BundleError(
+                f"adapt_limits {sorted(unknown)}: the {spec.graph} graph outputs {self.outputs}"
+            )
         self.batch = 0
 
     @property
@@ -148,12 +156,16 @@ class EpisodeBuffer:
             }
             stats["time_us"] = elapsed_us
             detail = " ".join(f"{k}={v:.4g}" for k, v in stats.items())
+            over = [k for k, limit in self.limits.items() if not stats.get(k, 0.0) <= limit]
+            if over:
+                ok = False
+                detail += f" (over the limit: {', '.join(over)})"
             if ok:
                 for k, v in updates.items():
                     state[k][b] = v[0]
                 emit(Event("adapted", b, step, stats.get("loss_after", float("nan")), detail))
             else:
-                log.warning("agent %d: adaptation not finite, weights kept", b)
+                log.warning("agent %d: adaptation refused (%s), state kept", b, detail)
                 emit(Event("adapt_rejected", b, step, detail=detail))
 
 

@@ -256,3 +256,20 @@ def _walk(n: int) -> list[tuple]:
         out.append((obs[0], a[0], float(res.reward[0]), res.obs[0]))
         obs = res.obs
     return out
+
+
+def test_an_adaptation_beyond_the_configured_limit_keeps_the_old_weights(tmp_path_factory):
+    """The guard on an inner step: a step_norm limit below any real step refuses every
+    adaptation (event, old weights kept); an unknown statistic is a clear error at load."""
+    from runtime.errors import BundleError
+
+    bundle = bundle_of("maml", tmp_path_factory)
+    agent = Agent.load(bundle, config=AgentConfig(adapt_limits={"step_norm": 1e-9}))
+    theta = agent.state["weights"][0].copy()
+    rollout(agent, ENV, tasks(), 2, seed=1)
+    events = [e for e in agent.drain_events() if e.kind.startswith("adapt")]
+    assert [e.kind for e in events] == ["adapt_rejected"] * len(tasks())
+    assert "over the limit: step_norm" in events[0].detail
+    np.testing.assert_array_equal(agent.state["weights"], np.tile(theta, (len(tasks()), 1)))
+    with pytest.raises(BundleError, match="adapt_limits"):
+        Agent.load(bundle, config=AgentConfig(adapt_limits={"no_such_stat": 1.0}))
