@@ -232,3 +232,59 @@ def transition_stats(run: Any, tasks: int = 16, seed: int = 7) -> dict[str, np.n
         "delta_mean": d.mean(0).astype(np.float32),
         "delta_std": np.maximum(d.std(0), 1e-3).astype(np.float32),
     }
+
+
+@torch.no_grad()
+def extra_parity(run: Any, bundle_dir: Path, manifest: Any) -> dict[str, float]:
+    """``verify --run``'s parity of the adapt graph (onnxruntime) against the torch inner step:
+    3 random buffers and one recorded from the meta-test policy's own exploration episodes.
+    Errors as in verify (``|ort - torch| / max(1, |torch|)``), per output, worst case."""
+    from export.maml_graphs import example_adapt_inputs
+    from runtime.providers import CPU
+    from runtime.selftest import max_rel_err
+    from runtime.session import GraphSession
+    from training.maml_inner import adapt
+
+    state = run.nets
+    spec = manifest.graph("adapt")
+    session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])
+    shape = AdaptShape(state.cfg.maml.episodes_per_step, state.spec.horizon, batch=1)
+    theta = state.theta.detach()[None].clone()
+    cases = []
+    for seed in range(3):
+        inputs = list(example_adapt_inputs(state.layout, shape, batch=1, seed=seed))
+        inputs[0] = theta
+        cases.append(tuple(inputs))
+    cases.append(_recorded_buffer(run, theta))
+    errors: dict[str, float] = {}
+    for inputs in cases:
+        got = session.run_feeds(dict(zip(ADAPT_INPUTS, (x.numpy() for x in inputs), strict=True)))
+        want = adapt(*inputs, state.settings)
+        for name in ADAPT_OUTPUTS:
+            if name == "ok":
+                continue
+            ref = getattr(want, name.removesuffix("_out")).detach().numpy()
+            key = f"adapt.{name}"
+            errors[key] = max(errors.get(key, 0.0), max_rel_err(got[name], ref))
+    return errors
+
+
+def _recorded_buffer(run: Any, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The exploration episodes of one train task, as the meta-test policy buffers them."""
+    from runtime.evaluation import rollout
+    from training.maml_family import policy_for
+
+    captured: list[tuple[np.ndarray, ...]] = []
+    policy = policy_for(run)
+    inner = policy._inner_step
+
+    def capture(buffers: tuple[np.ndarray, ...], lr_B1: np.ndarray) -> dict:
+        captured.append((*(b.copy() for b in buffers), lr_B1.copy()))
+        return inner(buffers, lr_B1)
+
+    policy._inner_step = capture  # type: ignore[method-assign]
+    state = run.nets
+    tasks = held_out_tasks(make_family(state.spec.name), "train", 1, seed=5)
+    rollout(policy, state.spec.name, tasks, state.cfg.maml.episodes_per_step, seed=5)
+    obs, act, rew, mask, lr = captured[0]
+    return (theta, *(torch.from_numpy(x) for x in (obs, act, rew, mask, lr)))

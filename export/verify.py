@@ -126,6 +126,8 @@ def parity_check(
             )
             errors |= {f"{graph}.{k}": v for k, v in graph_errors.items()}
             problems += graph_problems
+        if hasattr(family, "extra_parity"):  # graphs the step inputs cannot feed (MAML's adapt)
+            errors |= family.extra_parity(run, bundle_dir, manifest)
     return {
         "target": family.PARITY_TARGET
         if not hasattr(family, "parity_target")

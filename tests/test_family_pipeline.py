@@ -69,6 +69,8 @@ def test_family_trains_exports_verifies_flashes_and_reports(
     report = json.loads(res.stdout)
     assert res.returncode == 0 and report["ok"], report["reasons"]
     assert report["parity"]["max_abs_err"] <= 1e-4 and report["parity"]["random_rows"] >= 10_000
+    if algo == "maml":  # the inner step itself: onnxruntime vs torch autograd
+        assert report["parity"]["errors"]["adapt.weights_out"] <= 1e-5
 
     # 3 episodes: MAML (2 episodes per inner step here) flies its adapted weights in the third.
     res = _cli("evaluate", "bundle", "--tasks", "4", "--episodes", "3", "--json", cwd=tmp_path)
