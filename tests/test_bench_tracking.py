@@ -38,12 +38,12 @@ def test_classical_controllers_on_the_same_tasks(capsys: pytest.CaptureFixture) 
     assert report["conditions"]["storm 14.5+2sin(t)"]["splits"] == {"ood": 2}
     assert "ood" not in report["conditions"]["12.1"]["splits"]
     ctrl = report["controllers"]
-    assert set(ctrl) == {"PID", "DOB", "privileged"}
+    assert set(ctrl) == {"PD (no integral)", "PID", "DOB", "privileged"}
     for res in ctrl.values():
         for cond in res["conditions"].values():
             assert 0.0 < cond["mean_cm"] <= cond["p95_cm"] < 400.0
     at_12 = {k: v["conditions"]["12.1"]["mean_cm"] for k, v in ctrl.items()}
-    assert at_12["DOB"] < at_12["PID"], at_12
+    assert at_12["DOB"] < at_12["PID"] < at_12["PD (no integral)"], at_12
     change = {k: v["wind_change"]["converge_steps_mean"] for k, v in ctrl.items()}
     assert change["privileged"] < change["PID"], change
     # deterministic: the same command gives the same numbers
@@ -54,7 +54,8 @@ def test_markdown_table(capsys: pytest.CaptureFixture) -> None:
     rc, out, _ = bench(capsys, "--markdown")
     lines = out.strip().splitlines()
     assert rc == 0 and lines[0].startswith("| controller | 4.2 m/s")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| PID", "| DOB", "| privileged"]
+    rows = [line.split(" | ")[0] for line in lines[2:]]
+    assert rows == ["| PD (no integral)", "| PID", "| DOB", "| privileged"]
 
 
 def test_a_bundle_flies_adaptive_and_non_adaptive(capsys, tmp_path_factory) -> None:

@@ -7,11 +7,13 @@ in time, and the thrust lags the command, so high-gain feedback alone cannot can
 
 Physics (vertical x-z plane, SI units, dt = 0.05 s, horizon 200 steps = 10 s):
 
-- State: position p = (x, z) in m, velocity v in m/s, the thrust actually produced f in N.
+- State: position p = (x, z) in m, velocity v in m/s, the thrust actually produced f in N and
+  the command issued last step (N, still in flight).
 - Action: commanded thrust u = (u_x, u_z) in N, u_x in [-10, 10], u_z in [0, 25] (the rotors
   cannot pull down). Hover at nominal mass needs u_z = 9.81 N.
-- Actuator lag: first order with time constant 0.1 s, exact over one step:
-  f' = f + (1 - exp(-dt / 0.1)) (u - f), i.e. 39 % of a command step arrives in the first step.
+- Actuator: one control period (0.05 s) of transport delay, then a first-order lag with time
+  constant 0.2 s, exact over one step: f' = f + (1 - exp(-dt / 0.2)) (u_prev - f), i.e. 22 %
+  of a command step arrives in each period after the delay.
 - Wind (air velocity, m/s): w(t) = (wind_x + gust_amp * sin(gust_freq * t), wind_z), t the
   time since the episode started (s); e.g. Neural-Fly's 8.5 + 2.4 sin(t) is wind_x = 8.5,
   gust_amp = 2.4, gust_freq = 1.
@@ -27,12 +29,14 @@ Physics (vertical x-z plane, SI units, dt = 0.05 s, horizon 200 steps = 10 s):
   Its vertical part (up to 6.3 m/s^2) makes the thrust vary, which is what separates mass from
   vertical wind (in hover both only shift the hover thrust).
 - Start: at the reference's position plus a uniform offset in [-0.1, 0.1] m per axis, at the
-  reference's velocity, thrust (0, 9.81) N.
+  reference's velocity, thrust and command (0, 9.81) N.
 - Tether: the drone stays within 4 m of the reference per axis (position clipped, and that
   velocity component set to the reference's).
-- Observation (10 numbers, float32, what a flight controller sees; the wind is not in it):
+- Observation (12 numbers, float32, what a flight controller sees; the wind is not in it):
   position error p - p_ref (m), velocity error v - v_ref (m/s), reference velocity (m/s),
-  reference acceleration (m/s^2), produced thrust f (N, a rotor-speed measurement).
+  reference acceleration (m/s^2), produced thrust f (N, a rotor-speed measurement), the command
+  in flight (N). Sensor noise N(0, s^2) with s = 0.5 cm, 5 cm/s and 0.1 N on the errors and the
+  thrust (a private stream seeded from the reset rng); the reference terms are exact.
 - Reward per step: -|p' - p_ref'| (m) - 0.01 |u_n|^2 with u_n the command normalized to
   [-1, 1] per axis. Never terminates early.
 
@@ -117,7 +121,7 @@ SPEC = FamilySpec(
     dt=DT,
     description=(
         "planar drone tracking a figure-8 in strong gusty wind (m/s): quadratic drag, "
-        "thrust lag 0.1 s, unknown mass"
+        "thrust delay 0.05 s + lag 0.2 s, sensor noise, unknown mass"
     ),
     splits={
         "train": "wind_x [-12.5,12.5], wind_z [-2,2] m/s, mass x[0.7,1.3]: 100 of 125 cells; "

@@ -2,6 +2,9 @@
 
 Protocol (the same tasks, noise and seeds for every controller):
 
+- Controllers: PD (the PID's gains without integral: nothing adapts), PID, DOB (PID's
+  feedback replaced by a disturbance observer), the privileged controller (reads the task), and
+  every ``--bundle`` adaptive and with its state held at the initial value (non-adaptive).
 - Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
   storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
   scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
@@ -21,7 +24,7 @@ Protocol (the same tasks, noise and seeds for every controller):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -208,14 +211,17 @@ def markdown(report: dict) -> str:
     """The report as a Markdown table: mean / p95 cm per condition, convergence steps."""
     names = list(report["conditions"])
     head = "| controller | " + " | ".join(f"{n} m/s" for n in names)
-    head += " | wind change 4.2 -> 12.1: steps to converge (mean / p95) |"
+    head += " | wind change 4.2 -> 12.1 m/s: steps to converge (mean / p95), error after |"
     lines = [head, "|" + "---|" * (len(names) + 2)]
     for label, res in report["controllers"].items():
         cells = [f"{res['conditions'][n]['mean_cm']:.1f} / {res['conditions'][n]['p95_cm']:.1f}"
                  for n in names]  # fmt: skip
         wc = res["wind_change"]
         never = f", {wc['not_converged']} never" if wc["not_converged"] else ""
-        cells.append(f"{wc['converge_steps_mean']:.1f} / {wc['converge_steps_p95']:.0f}{never}")
+        cells.append(
+            f"{wc['converge_steps_mean']:.1f} / {wc['converge_steps_p95']:.0f}{never}, "
+            f"{wc['error_after_change_cm']:.1f} cm"
+        )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -233,7 +239,12 @@ def tune_report(tasks: int = 64, seed: int = 0) -> dict:
 
 
 def _classical() -> list[tuple[str, tuple]]:
+    pd = replace(control.PID_GAINS, ki=0.0)
     return [
+        (
+            "PD (no integral)",
+            ("classical", False, "PID_GAINS with ki = 0", lambda: control.PIDController(pd)),
+        ),
         ("PID", ("classical", True, "drone_track_control.PID_GAINS", control.PIDController)),
         ("DOB", ("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
         ("privileged", ("privileged", True, "reads the task", control.PrivilegedController)),
@@ -242,8 +253,6 @@ def _classical() -> list[tuple[str, tuple]]:
 
 def _bundle_builders(path: str, taken: dict) -> dict[str, tuple]:
     """The bundle adaptive and with its state held at the initial value (non-adaptive)."""
-    from dataclasses import replace
-
     from runtime.agent import Agent, AgentConfig
     from runtime.bundle import load_verified
     from runtime.errors import EdgeadaptError
