@@ -68,6 +68,12 @@ def test_a_bundle_flies_adaptive_and_non_adaptive(capsys, tmp_path_factory) -> N
     assert adaptive["adaptive"] and not fixed["adaptive"]
     a, f = adaptive["conditions"]["8.5"]["mean_cm"], fixed["conditions"]["8.5"]["mean_cm"]
     assert math.isfinite(a) and math.isfinite(f) and a != f
+    # a declared param is set on the adaptive agent; undeclared ones are not applied
+    args = ("--json", "--bundle", str(bundle), "--param", "forget=0.5", "--param", "other=1")
+    ctrl = json.loads(bench(capsys, *args)[1])["controllers"]
+    assert ctrl["pearl (forget=0.5)"]["params"] == {"forget": 0.5}
+    assert ctrl["pearl, non-adaptive"]["params"] == {}
+    assert ctrl["pearl (forget=0.5)"]["conditions"] != adaptive["conditions"]
 
 
 def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None:
@@ -76,3 +82,6 @@ def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None
     assert rc == 2 and "not 'drone-track'" in err and "Traceback" not in err
     rc, _, err = bench(capsys, "--skip", "12")
     assert rc == 2 and err.startswith("error: --skip")
+    with pytest.raises(SystemExit) as exc:
+        bench(capsys, "--param", "forget")
+    assert exc.value.code == 2 and "expected NAME=VALUE" in capsys.readouterr().err

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         help="a drone-track bundle (repeatable; PEARL, RL², MAML alike): flown adaptive and "
         "with its state held at the initial value",
     )  # fmt: skip
+    t.add_argument(
+        "--param", action="append", default=[], type=_param, metavar="NAME=VALUE",
+        help="set a declared adaptation param of the bundles that declare it (PEARL: "
+        "forget=0.9 forgets old evidence, for changing wind); repeatable",
+    )  # fmt: skip
     t.add_argument("--tasks", type=_positive, default=16, help="tasks per wind condition")
     t.add_argument("--episodes", type=_positive, default=2, help="episodes per task (10 s each)")
     t.add_argument("--skip", type=float, default=2.0, help="seconds of each episode not scored")
@@ -101,7 +106,9 @@ def _bench_tracking(args: argparse.Namespace) -> int:
     if args.tune:
         print(json.dumps(tracking.tune_report(), indent=2))
         return 0
-    report = tracking.run_benchmark(args.bundle, args.tasks, args.episodes, args.skip, args.seed)
+    report = tracking.run_benchmark(
+        args.bundle, args.tasks, args.episodes, args.skip, args.seed, dict(args.param)
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     if args.markdown or not args.json:
@@ -127,6 +134,16 @@ def _describe(spec) -> dict:
         "task_high": [float(x) for x in spec.task_high],
         "splits": dict(spec.splits),
     }
+
+
+def _param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}") from None
 
 
 def _positive(text: str) -> int:

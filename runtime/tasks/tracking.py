@@ -4,7 +4,9 @@ Protocol (the same tasks, noise and seeds for every controller):
 
 - Controllers: PD (the PID's gains without integral: nothing adapts), PID, DOB (PID's
   feedback replaced by a disturbance observer), the privileged controller (reads the task), and
-  every ``--bundle`` adaptive and with its state held at the initial value (non-adaptive).
+  every ``--bundle`` adaptive and with its state held at the initial value (non-adaptive);
+  ``--param NAME=VALUE`` sets a declared param of the bundles that declare it (PEARL's
+  ``forget``), on the adaptive agent only.
 - Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
   storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
   scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
@@ -60,6 +62,7 @@ class ControllerResult:
     kind: str  # "classical", "privileged" or "bundle"
     adaptive: bool
     source: str
+    params: dict[str, float] = field(default_factory=dict)  # a bundle's declared params set
     conditions: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
     wind_change: dict[str, float | int] = field(default_factory=dict)
 
@@ -166,14 +169,19 @@ def run_benchmark(
     episodes: int = 2,
     skip_s: float = 2.0,
     seed: int = 0,
+    params: dict[str, float] | None = None,
 ) -> dict:
-    """Every controller through :func:`evaluate`; the JSON of ``bench tracking``."""
+    """Every controller through :func:`evaluate`; the JSON of ``bench tracking``.
+
+    ``params`` (name -> value) set the declared params of the bundles that declare them
+    (PEARL: ``forget``); other bundles fly with their defaults.
+    """
     controllers: dict[str, ControllerResult] = {}
     builders = dict(_classical())
     for path in bundles:
-        builders.update(_bundle_builders(path, builders))
-    for label, (kind, adaptive, source, make) in builders.items():
-        res = ControllerResult(kind, adaptive, source)
+        builders.update(_bundle_builders(path, builders, params or {}))
+    for label, (kind, adaptive, source, make, *used) in builders.items():
+        res = ControllerResult(kind, adaptive, source, used[0] if used else {})
         res.conditions, res.wind_change = evaluate(make, tasks_per_condition, episodes, skip_s,
                                                    seed)  # fmt: skip
         controllers[label] = res
@@ -251,8 +259,9 @@ def _classical() -> list[tuple[str, tuple]]:
     ]
 
 
-def _bundle_builders(path: str, taken: dict) -> dict[str, tuple]:
-    """The bundle adaptive and with its state held at the initial value (non-adaptive)."""
+def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, tuple]:
+    """The bundle adaptive (with the ``params`` it declares) and with its state held at the
+    initial value (non-adaptive)."""
     from runtime.agent import Agent, AgentConfig
     from runtime.bundle import load_verified
     from runtime.errors import EdgeadaptError
@@ -260,17 +269,22 @@ def _bundle_builders(path: str, taken: dict) -> dict[str, tuple]:
     manifest = load_verified(path)
     if manifest.env != "drone-track":
         raise EdgeadaptError(f"{path}: bundle is for env {manifest.env!r}, not 'drone-track'")
+    declared = {p.name for p in manifest.adaptation.params}
+    used = {k: float(v) for k, v in params.items() if k in declared}
     label = manifest.adaptation.algorithm
-    if label in taken:
-        label = f"{label} ({path})"
-    config = AgentConfig()
+    if label in {k.split(" (")[0] for k in taken}:
+        label = f"{label} [{path}]"
+    config = AgentConfig(params=used)
+    named = label + (" (" + ", ".join(f"{k}={v:g}" for k, v in used.items()) + ")" if used else "")
+    fixed = replace(config, adaptive=False, params={})
     return {
-        label: ("bundle", True, str(path), lambda: Agent(manifest, path, config=config)),
+        named: ("bundle", True, str(path), lambda: Agent(manifest, path, config=config), used),
         f"{label}, non-adaptive": (
             "bundle",
             False,
             str(path),
-            lambda: Agent(manifest, path, config=replace(config, adaptive=False)),
+            lambda: Agent(manifest, path, config=fixed),
+            {},
         ),
     }
 
