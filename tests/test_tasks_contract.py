@@ -17,13 +17,14 @@ from runtime.tasks import (
     TaskFamily,
     available_families,
     car_friction,
+    drone_track,
     drone_wind,
     make_family,
     nav2d,
 )
 
 run_example()  # registers "pendulum-varied"
-BUILTINS = {"point-nav", "point-nav-sparse", "drone-wind", "car-friction", "nav2d"}
+BUILTINS = {"point-nav", "point-nav-sparse", "drone-wind", "drone-track", "car-friction", "nav2d"}
 FAMILIES = sorted(BUILTINS | {"pendulum-varied"} | set(available_families()))
 N = 8
 #: Fewer envs for the simulator-backed families of the bench extra, to keep the suite fast.
@@ -80,6 +81,7 @@ INFORMED: dict[str, Policy] = {
     "point-nav": point_nav_policy,
     "point-nav-sparse": point_nav_policy,
     "drone-wind": lambda obs, tasks, rng: drone_wind.expert_action(obs, tasks),
+    "drone-track": lambda obs, tasks, rng: drone_track.expert_action(obs, tasks),
     "car-friction": lambda obs, tasks, rng: car_friction.expert_action(obs, tasks),
     "pendulum-varied": pendulum_policy,
     "nav2d": lambda obs, tasks, rng: nav2d.oracle_action(obs, tasks),

@@ -1,4 +1,4 @@
-"""Task families (numpy only): point-nav, point-nav-sparse, drone-wind, car-friction."""
+"""Task families (numpy only): point-nav(-sparse), drone-wind, drone-track, car-friction, nav2d."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``edgeadapt envs`` (list the task families) and ``edgeadapt bench envs`` (their throughput).
+"""``edgeadapt envs`` (list the task families), ``edgeadapt bench envs`` (their throughput) and
+``edgeadapt bench tracking`` (drone-track tracking error of classical and learned controllers).
 
 Top-level imports are argparse/stdlib only; numpy and the families load inside the handlers.
 """
@@ -45,6 +46,32 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
     b.set_defaults(handler=_bench_envs)
 
+    t = bench.add_parser(
+        "tracking",
+        help="drone-track figure-8 tracking error (cm) per wind: PID, DOB, privileged, bundles",
+    )
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    t.add_argument(
+        "--bundle", action="append", default=[], metavar="PATH",
+        help="a drone-track bundle (repeatable; PEARL, RL², MAML alike): flown adaptive and "
+        "with its state held at the initial value",
+    )  # fmt: skip
+    t.add_argument(
+        "--param", action="append", default=[], type=_param, metavar="NAME=VALUE",
+        help="set a declared adaptation param of the bundles that declare it (PEARL: "
+        "forget=0.9 forgets old evidence, for changing wind); repeatable",
+    )  # fmt: skip
+    t.add_argument("--tasks", type=_positive, default=16, help="tasks per wind condition")
+    t.add_argument("--episodes", type=_positive, default=2, help="episodes per task (10 s each)")
+    t.add_argument("--skip", type=float, default=2.0, help="seconds of each episode not scored")
+    t.add_argument("--seed", type=int, default=0, help="tasks, start and sensor-noise seed")
+    t.add_argument(
+        "--tune", action="store_true",
+        help="instead: rerun the PID / DOB gain grid search on train tasks",
+    )  # fmt: skip
+    t.set_defaults(handler=_bench_tracking)
+
 
 def _envs(args: argparse.Namespace) -> int:
     from runtime.tasks.registry import available_families, make_family
@@ -87,6 +114,25 @@ def _bench_envs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_tracking(args: argparse.Namespace) -> int:
+    from runtime.errors import EdgeadaptError
+    from runtime.tasks import tracking
+
+    if not 0.0 <= args.skip < 10.0:
+        raise EdgeadaptError(f"--skip must be in [0, 10) s, got {args.skip}")
+    if args.tune:
+        print(json.dumps(tracking.tune_report(), indent=2))
+        return 0
+    report = tracking.run_benchmark(
+        args.bundle, args.tasks, args.episodes, args.skip, args.seed, dict(args.param)
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    if args.markdown or not args.json:
+        print(tracking.markdown(report))
+    return 0
+
+
 def _describe(spec) -> dict:
     return {
         "name": spec.name,
@@ -105,6 +151,16 @@ def _describe(spec) -> dict:
         "task_high": [float(x) for x in spec.task_high],
         "splits": dict(spec.splits),
     }
+
+
+def _param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}") from None
 
 
 def _positive(text: str) -> int:

@@ -1,0 +1,294 @@
+"""``edgeadapt bench tracking``: figure-8 tracking error of every controller on drone-track.
+
+Protocol (the same tasks, noise and seeds for every controller):
+
+- Controllers: PD (the PID's gains without integral: nothing adapts), PID, DOB (PID's
+  feedback replaced by a disturbance observer), the privileged controller (reads the task), and
+  every ``--bundle`` adaptive and with its state held at the initial value (non-adaptive);
+  ``--param NAME=VALUE`` sets a declared param of the bundles that declare it (PEARL's
+  ``forget``), on the adaptive agent only.
+- Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
+  storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
+  scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
+- Each task is flown for ``episodes`` consecutive 10 s episodes of the fixed figure-8
+  (A_x 1.5 m, A_z 0.6 m, period 6 s); a controller's adaptation state (a bundle's belief or
+  hidden state, the PID's integral, the observer's estimate) carries over the episodes of a task.
+- Error: the true (noise-free) distance to the reference in cm, at every step of the **last**
+  episode from ``skip_s`` on (Neural-Fly measures from t = 10 s of a longer flight); mean and
+  95th percentile over steps and tasks. ``mean_cm_by_episode`` shows every episode.
+- Wind change: the last episode starts at 4.2 m/s and the wind jumps to 12.1 m/s at step 100
+  (earlier episodes at 4.2 m/s). The same controller also flies the whole flight at 12.1 m/s:
+  its *steady* error. Convergence time = the first step k after the change from which every
+  10-step mean error stays within 1.2x the steady run's 10-step mean at the same time + 0.5 cm.
+  Flights that never get there count as the rest of the episode and are reported as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
+
+from runtime.tasks import drone_track as track
+from runtime.tasks import drone_track_control as control
+
+
+class Condition(NamedTuple):
+    """A wind condition: horizontal wind_x + gust_amp sin(gust_freq t) in m/s."""
+
+    name: str
+    wind_x: float
+    gust_amp: float
+    gust_freq: float
+
+
+CONDITIONS = (
+    Condition("4.2", 4.2, 0.0, 1.0),
+    Condition("8.5", 8.5, 0.0, 1.0),
+    Condition("8.5+2.4sin(t)", 8.5, 2.4, 1.0),
+    Condition("12.1", 12.1, 0.0, 1.0),
+    Condition("storm 14.5+2sin(t)", 14.5, 2.0, 1.0),
+)
+CHANGE_FROM, CHANGE_TO, CHANGE_STEP = CONDITIONS[0], CONDITIONS[3], 100
+WINDOW, FACTOR, FLOOR_CM = 10, 1.2, 0.5
+
+
+@dataclass
+class ControllerResult:
+    """One controller's figures; errors in cm, convergence in control steps (0.05 s)."""
+
+    kind: str  # "classical", "privileged" or "bundle"
+    adaptive: bool
+    source: str
+    params: dict[str, float] = field(default_factory=dict)  # a bundle's declared params set
+    conditions: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
+    wind_change: dict[str, float | int] = field(default_factory=dict)
+
+
+def condition_tasks(n: int, seed: int) -> np.ndarray:
+    """Task vectors ``(len(CONDITIONS) * n, 5)``, condition-major; mass and vertical wind drawn
+    once from ``seed`` and shared by every condition."""
+    rng = np.random.default_rng(seed)
+    mass = rng.uniform(0.7, 1.3, n)
+    wind_z = rng.uniform(-1.5, 1.5, n)
+    rows = [
+        np.stack(
+            [np.full(n, c.wind_x), wind_z, mass, np.full(n, c.gust_amp), np.full(n, c.gust_freq)],
+            axis=1,
+        )
+        for c in CONDITIONS
+    ]
+    return np.concatenate(rows)
+
+
+def fly(
+    policy,
+    tasks: np.ndarray,
+    episodes: int,
+    seed: int,
+    change: tuple[int, np.ndarray] | None = None,
+) -> np.ndarray:
+    """True tracking error (cm) ``(episodes, horizon, N)`` of ``policy`` (AdaptivePolicy) on
+    the fixed figure-8; ``change = (step, new_tasks)`` switches the wind in the last episode."""
+    env = track.DroneTrack(len(tasks), reference="figure8")
+    rng = np.random.default_rng(seed)
+    horizon, half = env.spec.horizon, (track.THRUST_HIGH - track.THRUST_LOW) / 2.0
+    policy.begin_task(tasks)
+    errors = np.zeros((episodes, horizon, len(tasks)))
+    for ep in range(episodes):
+        obs = env.reset(tasks, rng)
+        policy.begin_episode()
+        for t in range(horizon):
+            if change is not None and ep == episodes - 1 and t == change[0]:
+                env.set_tasks(change[1])
+                if hasattr(policy, "set_tasks"):
+                    policy.set_tasks(change[1])
+            action = np.asarray(policy.act(obs), dtype=np.float64)
+            res = env.step(track.THRUST_LOW + half * (action + 1.0))
+            policy.observe(obs, action, res.reward, res.obs, np.full(len(tasks), t == horizon - 1))
+            obs = res.obs
+            errors[ep, t] = 100.0 * env.tracking_error()
+    return errors
+
+
+def evaluate(
+    make_policy, tasks_per_condition: int, episodes: int, skip_s: float, seed: int
+) -> tuple[dict, dict]:
+    """(per-condition figures, wind-change figures) of the policy ``make_policy()`` builds."""
+    n = tasks_per_condition
+    tasks = condition_tasks(n, seed)
+    err = fly(make_policy(), tasks, episodes, seed)
+    skip = round(skip_s / track.DT)
+    conditions = {}
+    for i, c in enumerate(CONDITIONS):
+        e = err[:, :, i * n : (i + 1) * n]
+        last = e[-1, skip:]
+        conditions[c.name] = {
+            "mean_cm": float(last.mean()),
+            "p95_cm": float(np.percentile(last, 95)),
+            "mean_cm_by_episode": [float(x) for x in e[:, skip:].mean(axis=(1, 2))],
+        }
+    return conditions, wind_change(make_policy, n, episodes, seed)
+
+
+def wind_change(make_policy, n: int, episodes: int, seed: int) -> dict[str, float | int]:
+    """Convergence after the wind jumps from CHANGE_FROM to CHANGE_TO (module docstring)."""
+    all_tasks = condition_tasks(n, seed)
+    i_from, i_to = CONDITIONS.index(CHANGE_FROM), CONDITIONS.index(CHANGE_TO)
+    before, after = all_tasks[i_from * n : (i_from + 1) * n], all_tasks[i_to * n : (i_to + 1) * n]
+    switched = fly(make_policy(), before, episodes, seed, change=(CHANGE_STEP, after))[-1]
+    steady = fly(make_policy(), after, episodes, seed)[-1]
+    steps = convergence_steps(switched[CHANGE_STEP:], steady[CHANGE_STEP:])
+    limit = switched.shape[0] - CHANGE_STEP - WINDOW + 1
+    return {
+        "converge_steps_mean": float(steps.mean()),
+        "converge_steps_p95": float(np.percentile(steps, 95)),
+        "converge_steps_max": int(steps.max()),
+        "not_converged": int(np.sum(steps >= limit)),
+        "error_after_change_cm": float(switched[CHANGE_STEP:].mean()),
+        "steady_error_cm": float(steady[CHANGE_STEP:].mean()),
+    }
+
+
+def convergence_steps(switched_TN: np.ndarray, steady_TN: np.ndarray) -> np.ndarray:
+    """Per task: the first offset k such that every WINDOW-step mean error starting at k or
+    later is within FACTOR x the steady run's + FLOOR_CM; ``T - WINDOW + 1`` if none."""
+    kernel = np.ones(WINDOW) / WINDOW
+    roll = np.apply_along_axis(lambda x: np.convolve(x, kernel, "valid"), 0, switched_TN)
+    ref = np.apply_along_axis(lambda x: np.convolve(x, kernel, "valid"), 0, steady_TN)
+    bad = roll > FACTOR * ref + FLOOR_CM  # (T - W + 1, N)
+    last_bad = np.where(bad.any(axis=0), len(bad) - np.argmax(bad[::-1], axis=0), 0)
+    return last_bad.astype(np.int64)
+
+
+def run_benchmark(
+    bundles: Iterable[str],
+    tasks_per_condition: int = 16,
+    episodes: int = 2,
+    skip_s: float = 2.0,
+    seed: int = 0,
+    params: dict[str, float] | None = None,
+) -> dict:
+    """Every controller through :func:`evaluate`; the JSON of ``bench tracking``.
+
+    ``params`` (name -> value) set the declared params of the bundles that declare them
+    (PEARL: ``forget``); other bundles fly with their defaults.
+    """
+    controllers: dict[str, ControllerResult] = {}
+    builders = dict(_classical())
+    for path in bundles:
+        builders.update(_bundle_builders(path, builders, params or {}))
+    for label, (kind, adaptive, source, make, *used) in builders.items():
+        res = ControllerResult(kind, adaptive, source, used[0] if used else {})
+        res.conditions, res.wind_change = evaluate(make, tasks_per_condition, episodes, skip_s,
+                                                   seed)  # fmt: skip
+        controllers[label] = res
+    tasks = condition_tasks(tasks_per_condition, seed)
+    n = tasks_per_condition
+    return {
+        "env": "drone-track",
+        "reference": "figure-8 A_x 1.5 m, A_z 0.6 m, period 6 s",
+        "tasks_per_condition": n,
+        "episodes": episodes,
+        "skip_s": skip_s,
+        "seed": seed,
+        "conditions": {
+            c.name: {
+                "wind_x": c.wind_x,
+                "gust_amp": c.gust_amp,
+                "gust_freq": c.gust_freq,
+                "splits": _count(track.split_of(tasks[i * n : (i + 1) * n])),
+            }
+            for i, c in enumerate(CONDITIONS)
+        },
+        "wind_change": {
+            "from": CHANGE_FROM.name,
+            "to": CHANGE_TO.name,
+            "at_step": CHANGE_STEP,
+            "window_steps": WINDOW,
+            "factor": FACTOR,
+            "floor_cm": FLOOR_CM,
+        },
+        "controllers": {k: asdict(v) for k, v in controllers.items()},
+    }
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table: mean / p95 cm per condition, convergence steps."""
+    names = list(report["conditions"])
+    head = "| controller | " + " | ".join(f"{n} m/s" for n in names)
+    head += " | wind change 4.2 -> 12.1 m/s: steps to converge (mean / p95), error after |"
+    lines = [head, "|" + "---|" * (len(names) + 2)]
+    for label, res in report["controllers"].items():
+        cells = [f"{res['conditions'][n]['mean_cm']:.1f} / {res['conditions'][n]['p95_cm']:.1f}"
+                 for n in names]  # fmt: skip
+        wc = res["wind_change"]
+        never = f", {wc['not_converged']} never" if wc["not_converged"] else ""
+        cells.append(
+            f"{wc['converge_steps_mean']:.1f} / {wc['converge_steps_p95']:.0f}{never}, "
+            f"{wc['error_after_change_cm']:.1f} cm"
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tune_report(tasks: int = 64, seed: int = 0) -> dict:
+    """The gain searches of :func:`runtime.tasks.drone_track_control.tune` as JSON."""
+    out = {}
+    for kind in ("pid", "dob"):
+        best, rows = control.tune(kind, tasks, seed)
+        out[kind] = {
+            "best": best.to_dict(),
+            "grid": [{**r.gains.to_dict(), "mean_cm": r.mean_cm, "p95_cm": r.p95_cm} for r in rows],
+        }
+    return {"tasks": tasks, "seed": seed, "split": "train", **out}
+
+
+def _classical() -> list[tuple[str, tuple]]:
+    pd = replace(control.PID_GAINS, ki=0.0)
+    return [
+        (
+            "PD (no integral)",
+            ("classical", False, "PID_GAINS with ki = 0", lambda: control.PIDController(pd)),
+        ),
+        ("PID", ("classical", True, "drone_track_control.PID_GAINS", control.PIDController)),
+        ("DOB", ("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
+        ("privileged", ("privileged", True, "reads the task", control.PrivilegedController)),
+    ]
+
+
+def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, tuple]:
+    """The bundle adaptive (with the ``params`` it declares) and with its state held at the
+    initial value (non-adaptive)."""
+    from runtime.agent import Agent, AgentConfig
+    from runtime.bundle import load_verified
+    from runtime.errors import EdgeadaptError
+
+    manifest = load_verified(path)
+    if manifest.env != "drone-track":
+        raise EdgeadaptError(f"{path}: bundle is for env {manifest.env!r}, not 'drone-track'")
+    declared = {p.name for p in manifest.adaptation.params}
+    used = {k: float(v) for k, v in params.items() if k in declared}
+    label = manifest.adaptation.algorithm
+    if label in {k.split(" (")[0] for k in taken}:
+        label = f"{label} [{path}]"
+    config = AgentConfig(params=used)
+    named = label + (" (" + ", ".join(f"{k}={v:g}" for k, v in used.items()) + ")" if used else "")
+    fixed = replace(config, adaptive=False, params={})
+    return {
+        named: ("bundle", True, str(path), lambda: Agent(manifest, path, config=config), used),
+        f"{label}, non-adaptive": (
+            "bundle",
+            False,
+            str(path),
+            lambda: Agent(manifest, path, config=fixed),
+            {},
+        ),
+    }
+
+
+def _count(labels: np.ndarray) -> dict[str, int]:
+    values, counts = np.unique(labels.astype(str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}

@@ -1,0 +1,87 @@
+"""``edgeadapt bench tracking``: the same tasks for every controller, the convergence measure,
+bundles flown adaptive and non-adaptive through the runtime, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from bundle_fixtures import SMALL, cached_bundle
+
+from runtime.cli import main
+from runtime.tasks import tracking
+
+
+def bench(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    rc = main(["bench", "tracking", "--tasks", "2", "--episodes", "1", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_convergence_counts_steps_until_the_error_stays_near_steady() -> None:
+    steady = np.full((40, 3), 2.0)
+    switched = steady.copy()
+    switched[:5, 0] = 50.0  # back after 5 steps
+    switched[:5, 1] = 50.0
+    switched[20, 1] = 80.0  # a relapse: converged only after it
+    switched[:, 2] = 50.0  # never
+    steps = tracking.convergence_steps(switched, steady)
+    assert steps.tolist() == [5, 21, 40 - tracking.WINDOW + 1]
+
+
+def test_classical_controllers_on_the_same_tasks(capsys: pytest.CaptureFixture) -> None:
+    rc, out, _ = bench(capsys, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["conditions"]["storm 14.5+2sin(t)"]["splits"] == {"ood": 2}
+    assert "ood" not in report["conditions"]["12.1"]["splits"]
+    ctrl = report["controllers"]
+    assert set(ctrl) == {"PD (no integral)", "PID", "DOB", "privileged"}
+    for res in ctrl.values():
+        for cond in res["conditions"].values():
+            assert 0.0 < cond["mean_cm"] <= cond["p95_cm"] < 400.0
+    at_12 = {k: v["conditions"]["12.1"]["mean_cm"] for k, v in ctrl.items()}
+    assert at_12["DOB"] < at_12["PID"] < at_12["PD (no integral)"], at_12
+    change = {k: v["wind_change"]["converge_steps_mean"] for k, v in ctrl.items()}
+    assert change["privileged"] < change["PID"], change
+    # deterministic: the same command gives the same numbers
+    assert json.loads(bench(capsys, "--json")[1])["controllers"] == ctrl
+
+
+def test_markdown_table(capsys: pytest.CaptureFixture) -> None:
+    rc, out, _ = bench(capsys, "--markdown")
+    lines = out.strip().splitlines()
+    assert rc == 0 and lines[0].startswith("| controller | 4.2 m/s")
+    rows = [line.split(" | ")[0] for line in lines[2:]]
+    assert rows == ["| PD (no integral)", "| PID", "| DOB", "| privileged"]
+
+
+def test_a_bundle_flies_adaptive_and_non_adaptive(capsys, tmp_path_factory) -> None:
+    bundle = cached_bundle(tmp_path_factory, (*SMALL, "env.name=drone-track"))
+    rc, out, _ = bench(capsys, "--json", "--bundle", str(bundle))
+    assert rc == 0
+    ctrl = json.loads(out)["controllers"]
+    adaptive, fixed = ctrl["pearl"], ctrl["pearl, non-adaptive"]
+    assert adaptive["kind"] == fixed["kind"] == "bundle"
+    assert adaptive["adaptive"] and not fixed["adaptive"]
+    a, f = adaptive["conditions"]["8.5"]["mean_cm"], fixed["conditions"]["8.5"]["mean_cm"]
+    assert math.isfinite(a) and math.isfinite(f) and a != f
+    # a declared param is set on the adaptive agent; undeclared ones are not applied
+    args = ("--json", "--bundle", str(bundle), "--param", "forget=0.5", "--param", "other=1")
+    ctrl = json.loads(bench(capsys, *args)[1])["controllers"]
+    assert ctrl["pearl (forget=0.5)"]["params"] == {"forget": 0.5}
+    assert ctrl["pearl, non-adaptive"]["params"] == {}
+    assert ctrl["pearl (forget=0.5)"]["conditions"] != adaptive["conditions"]
+
+
+def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None:
+    bundle = cached_bundle(tmp_path_factory)  # point-nav
+    rc, _, err = bench(capsys, "--bundle", str(bundle))
+    assert rc == 2 and "not 'drone-track'" in err and "Traceback" not in err
+    rc, _, err = bench(capsys, "--skip", "12")
+    assert rc == 2 and err.startswith("error: --skip")
+    with pytest.raises(SystemExit) as exc:
+        bench(capsys, "--param", "forget")
+    assert exc.value.code == 2 and "expected NAME=VALUE" in capsys.readouterr().err
