@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from export.reference import dims_of, reference_modules
+from export.verify import PARITY_TARGET
 from runtime.adaptation import ParamSpec, PearlAdaptation, StateSpec
 
 __all__ = ["PARITY_TARGET", "adaptation", "dims_of", "parity_target", "reference_modules"]
 
-PARITY_TARGET = 1e-5
 #: Full beliefs: the sequential Kalman update amplifies the encoder's float32 rounding on
 #: ill-conditioned random beliefs (see export.verify).
 PARITY_TARGET_FULL = 1e-4

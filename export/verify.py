@@ -31,8 +31,7 @@ from runtime.session import GraphSession
 
 log = logging.getLogger(__name__)
 
-PARITY_TARGET = 1e-5
-PARITY_TARGET_FULL = 1e-4  # full beliefs (see the module doc)
+PARITY_TARGET = 1e-5  # a family's export declaration may set its own (PEARL full beliefs: 1e-4)
 RANDOM_ROWS = 10_000
 PARITY_SEED = 99
 
@@ -79,7 +78,7 @@ def verify(
     if run_dir is not None:
         res.parity = parity_check(bundle_dir, manifest, Path(run_dir), random_rows)
         res.parity_max_abs_err = res.parity["max_abs_err"]
-        target = res.parity.get("target", parity_target(manifest))
+        target = res.parity.get("target", PARITY_TARGET)
         special = res.parity.get("output_targets", {})
         for name, err in res.parity.get("errors", {}).items():
             goal = special.get(name.split(".", 1)[-1], target)
@@ -129,9 +128,9 @@ def parity_check(
         if hasattr(family, "extra_parity"):  # graphs the step inputs cannot feed (MAML's adapt)
             errors |= family.extra_parity(run, bundle_dir, manifest)
     return {
-        "target": family.PARITY_TARGET
-        if not hasattr(family, "parity_target")
-        else family.parity_target(run),
+        "target": family.parity_target(run)
+        if hasattr(family, "parity_target")
+        else family.PARITY_TARGET,
         "max_abs_err": max(errors.values()),
         "errors": errors,
         "random_rows": random_rows,
@@ -186,13 +185,6 @@ def _run_matches(run: Any, manifest: Manifest) -> list[str]:
     if ours != theirs:
         problems.append(f"run's adaptation state {ours} != bundle's {theirs}")
     return problems
-
-
-def parity_target(manifest: Manifest) -> float:
-    """The parity target of a bundle: 1e-4 for full-belief PEARL bundles (see the module
-    doc), else 1e-5."""
-    full = getattr(manifest.adaptation, "factor_rank", 0) > 0
-    return PARITY_TARGET_FULL if full else PARITY_TARGET
 
 
 def _onnx_checker(bundle_dir: Path, manifest: Manifest, reasons: list[str]) -> str:

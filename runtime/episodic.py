@@ -71,6 +71,7 @@ class EpisodeBuffer:
             for f in spec.fields
         }
         self.outputs = [t.name for t in graph.outputs]
+        self.inputs = {t.name for t in graph.inputs}
         unknown = set(self.limits) - set(self.outputs)
         if unknown:
             raise BundleError(
@@ -140,9 +141,10 @@ class EpisodeBuffer:
         for b in range(self.batch):
             feeds: dict[str, np.ndarray] = {spec.mask: self.mask[b : b + 1]}
             feeds |= {name: arr[b : b + 1] for name, arr in self.data.items()}
-            names = {t.name for t in self.session.spec.inputs}
-            feeds |= {k: v[b : b + 1] for k, v in state.items() if k in names}
-            feeds |= {k: np.full((1, 1), v, np.float32) for k, v in params.items() if k in names}
+            feeds |= {k: v[b : b + 1] for k, v in state.items() if k in self.inputs}
+            feeds |= {
+                k: np.full((1, 1), v, np.float32) for k, v in params.items() if k in self.inputs
+            }
             t0 = time.perf_counter_ns()
             out = self.session.run_feeds(feeds)
             elapsed_us = (time.perf_counter_ns() - t0) / 1e3

@@ -113,11 +113,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     cfg = load_run_config(run_dir)
     import_plugins(cfg.env.plugins)
     family = make_family(cfg.env.name, 1)
-    impl = entry_of(cfg).impl()
-    reader = getattr(impl, "read_checkpoint", read_checkpoint)  # a family's own format
-    state = reader(Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST)
+    state = read_checkpoint(Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST)
     try:
-        nets = impl.load_networks(cfg, family.spec, state)
+        nets = entry_of(cfg).impl().load_networks(cfg, family.spec, state)
     except CheckpointError as exc:
         raise CheckpointError(f"{run_dir}: {exc}") from None
     return LoadedRun(run_dir, cfg, family, nets, state)

@@ -33,7 +33,13 @@ import yaml
 from runtime.errors import CheckpointError
 from runtime.tasks import Split, TaskFamily, make_family
 from runtime.tasks.base import FamilySpec
-from training.checkpoint import write_checkpoint
+from training.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST,
+    read_checkpoint,
+    write_checkpoint,
+)
 from training.maml_config import MAMLTrainConfig
 from training.maml_inner import AdaptSettings, batch_advantages, inner_update
 from training.maml_networks import (
@@ -60,8 +66,6 @@ MAML_POSTFIX = {
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 CURVE_FILE = "learning_curve.png"
-LATEST = "latest.pt"
-FORMAT = "edgeadapt-maml-checkpoint"
 
 
 @dataclass
@@ -315,6 +319,8 @@ def checkpoint(state: MAMLState, run_dir: Path) -> Path:
     """theta, Adam, counters, the numpy RNG and the fixed train tasks (``latest.pt`` too)."""
     payload = {
         "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "algo": "maml",
         "theta": state.theta.detach().clone(),
         "log_inner_lr": state.log_inner_lr.detach().clone(),
         "optim": state.optimizer.state_dict(),
@@ -327,14 +333,9 @@ def checkpoint(state: MAMLState, run_dir: Path) -> Path:
 
 
 def read_maml_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a MAML checkpoint safely (tensors and plain data only)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/garbage files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    """Load a MAML checkpoint safely (the shared format, tensors and plain data only)."""
+    data = read_checkpoint(path)
+    if data.get("algo") != "maml":
         raise CheckpointError(f"{path}: not an edgeadapt MAML checkpoint")
     return data
 

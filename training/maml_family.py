@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.errors import CheckpointError
 from runtime.tasks.base import FamilySpec
 from training import maml
 from training.maml_config import MAMLTrainConfig
 from training.maml_policy import MAMLPolicy
 
-__all__ = ["ADAPTATIONS", "load_networks", "nets_of", "policy_for", "read_checkpoint", "train"]
+__all__ = ["ADAPTATIONS", "load_networks", "nets_of", "policy_for", "train"]
 
 #: Inner steps per task at meta-test and on the device (MAML's evaluation: one).
 ADAPTATIONS = 1
@@ -31,12 +32,10 @@ def train(
     return maml.train(cfg, Path(run_dir), resume=resume, progress=progress)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    return maml.read_maml_checkpoint(path)
-
-
 def load_networks(cfg: MAMLTrainConfig, spec: FamilySpec, data: dict[str, Any]) -> maml.MAMLState:
     """The run's meta-learned weights (and inner step size) from a checkpoint."""
+    if data.get("algo") != "maml":
+        raise CheckpointError("not a MAML checkpoint")
     state = maml.init_state(cfg)
     with torch.no_grad():
         state.theta.copy_(data["theta"])
