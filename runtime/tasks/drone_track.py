@@ -61,7 +61,7 @@ from typing import Literal
 import numpy as np
 
 from runtime.tasks.base import FamilySpec, Split, TaskFamily, as_split
-from runtime.tasks.splits import HeldOutCells
+from runtime.tasks.splits import HeldOutCells, within
 
 DT = 0.05  # s
 HORIZON = 200
@@ -262,20 +262,12 @@ def nominal_task(n: int) -> np.ndarray:
 def split_of(tasks: np.ndarray) -> np.ndarray:
     """Membership of each task vector ``(n, 5)``: 'train', 'test', 'ood' or 'none'."""
     tasks = np.atleast_2d(np.asarray(tasks, dtype=np.float64))
-    gust_in = np.all((tasks[:, 3:] >= _GUST_LOW) & (tasks[:, 3:] <= _GUST_HIGH), axis=1)
+    gust_in = within(tasks[:, 3:], _GUST_LOW, _GUST_HIGH)
     in_range = _CELLS.in_box(tasks[:, :3]) & gust_in
-    wind_x = np.abs(tasks[:, 0])
-    ood = (
-        (wind_x >= _OOD_WIND_X[0])
-        & (wind_x <= _OOD_WIND_X[1])
-        & (tasks[:, 1] >= _OOD_WIND_Z[0])
-        & (tasks[:, 1] <= _OOD_WIND_Z[1])
-        & (tasks[:, 2] >= _IN_LOW[2])
-        & (tasks[:, 2] <= _IN_HIGH[2])
-        & (tasks[:, 3] >= _OOD_GUST_AMP[0])
-        & (tasks[:, 3] <= _OOD_GUST_AMP[1])
-        & (tasks[:, 4] >= _GUST_LOW[1])
-        & (tasks[:, 4] <= _GUST_HIGH[1])
+    ood = within(  # |wind_x|, wind_z, mass, gust amplitude, gust frequency
+        np.column_stack([np.abs(tasks[:, 0]), tasks[:, 1:]]),
+        [_OOD_WIND_X[0], _OOD_WIND_Z[0], _IN_LOW[2], _OOD_GUST_AMP[0], _GUST_LOW[1]],
+        [_OOD_WIND_X[1], _OOD_WIND_Z[1], _IN_HIGH[2], _OOD_GUST_AMP[1], _GUST_HIGH[1]],
     )
     out = np.full(len(tasks), "none", dtype=object)
     out[in_range] = np.where(_CELLS.is_test(tasks[in_range, :3]), "test", "train")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.tasks.base import FamilySpec, Split, TaskFamily, as_split
-from runtime.tasks.splits import HeldOutCells
+from runtime.tasks.splits import HeldOutCells, within
 
 DT = 0.05  # s
 HORIZON = 100
@@ -157,16 +157,10 @@ def split_of(tasks: np.ndarray) -> np.ndarray:
     """Membership of each task vector ``(n, 4)``: 'train', 'test', 'ood' or 'none'."""
     tasks = np.atleast_2d(np.asarray(tasks, dtype=np.float64))
     in_range = _CELLS.in_box(tasks[:, :3]) & (tasks[:, 3] == 0.0)
-    wind_x = np.abs(tasks[:, 0])
-    ood = (
-        (wind_x >= _OOD_WIND_X[0])
-        & (wind_x <= _OOD_WIND_X[1])
-        & (tasks[:, 1] >= _OOD_WIND_Z[0])
-        & (tasks[:, 1] <= _OOD_WIND_Z[1])
-        & (tasks[:, 2] >= _IN_LOW[2])
-        & (tasks[:, 2] <= _IN_HIGH[2])
-        & (tasks[:, 3] >= _OOD_FOG[0])
-        & (tasks[:, 3] <= _OOD_FOG[1])
+    ood = within(  # |wind_x|, wind_z, mass, sensor fog
+        np.column_stack([np.abs(tasks[:, 0]), tasks[:, 1:]]),
+        [_OOD_WIND_X[0], _OOD_WIND_Z[0], _IN_LOW[2], _OOD_FOG[0]],
+        [_OOD_WIND_X[1], _OOD_WIND_Z[1], _IN_HIGH[2], _OOD_FOG[1]],
     )
     out = np.full(len(tasks), "none", dtype=object)
     out[in_range] = np.where(_CELLS.is_test(tasks[in_range, :3]), "test", "train")

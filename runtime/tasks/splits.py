@@ -9,11 +9,18 @@ by construction and :meth:`HeldOutCells.split_of` checks it for any task vector.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from runtime.tasks.base import Split
+
+
+def within(points: np.ndarray, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    """Whether each row of ``points`` ``(n, K)`` lies in the closed box [low, high]."""
+    points = np.asarray(points)
+    return np.all((points >= np.asarray(low)) & (points <= np.asarray(high)), axis=1)
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,7 @@ class HeldOutCells:
 
     def in_box(self, points: np.ndarray) -> np.ndarray:
         """Whether each point lies in the closed in-range box."""
-        points = np.asarray(points)
-        return np.all((points >= self.low) & (points <= self.high), axis=1)
+        return within(points, self.low, self.high)
 
     def is_test(self, points: np.ndarray) -> np.ndarray:
         """Whether each (in-box) point falls in a held-out cell."""
