@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -229,13 +230,19 @@ class RL2Adaptation(_Adaptation):
         default_factory=list, description="rows: directions in hidden space"
     )
 
+    @cached_property
+    def _projection(self) -> tuple[np.ndarray, np.ndarray]:
+        """(center, basis) as arrays, built once (summarize runs every control step)."""
+        return np.asarray(self.summary_center, np.float32), np.asarray(
+            self.summary_basis, np.float32
+        )
+
     def summarize(self, state: dict[str, np.ndarray]) -> Summary:
         if not self.summary_basis:
             return super().summarize(state)
-        h = state[self.state[0].name].astype(np.float32)
-        basis = np.asarray(self.summary_basis, np.float32)
-        proj = (h - np.asarray(self.summary_center, np.float32)) @ basis.T
-        b = len(h)
+        center, basis = self._projection
+        proj = (state[self.state[0].name] - center) @ basis.T
+        b = len(proj)
         return Summary(proj, np.zeros((b, 0), np.float32), np.full(b, np.nan, np.float32))
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from runtime.adaptation import STATE_OUT_SUFFIX
+from runtime.adaptation import STATE_OUT_SUFFIX, Summary
 from runtime.bundle import Manifest, load_verified
 from runtime.episodic import EpisodeBuffer, ExplorationNoise
 from runtime.errors import EdgeadaptError
@@ -357,7 +357,10 @@ class Agent:
     def summary(self) -> AdaptationSummary:
         """What each agent has adapted to: the family's summary vector, spread, entropy and
         the transition counts."""
-        s = self.adaptation.summarize(self.state)
+        # The live buffers, not copies: summarize() only reads them (the field runner calls this
+        # every control step, and a MAML state is thousands of weights).
+        s = self.adaptation.summarize({slot.name: slot.step_in for slot in self._slots})
+        s = Summary(np.array(s.mean), np.array(s.spread), s.entropy)  # never a live buffer
         if self.batch == 1:
             return AdaptationSummary(
                 self.algorithm, s.mean[0], s.spread[0], float(s.entropy[0]),
