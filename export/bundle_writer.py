@@ -132,7 +132,7 @@ def _build(
     vector_inputs = _vector_inputs(recording, run, dims)
     expected = {"step": torch_step(modules["step"], vector_inputs, dims)}
     int8 = None
-    if options.int8 or (profile is not None and profile.precision == "int8"):
+    if _wants_int8(family, options, profile):
         from export.quantize import quantize_step
 
         draft = draft.model_copy(update={"ood": ood})
@@ -145,6 +145,24 @@ def _build(
     manifest = _manifest(run, adaptation, graphs, provenance, ood, options, profile, tolerance, tmp)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest, int8
+
+
+def _wants_int8(family: Any, options: ExportOptions, profile: Any) -> bool:
+    """Whether to write the INT8 step graph; an explicit --int8 a family refuses is an error.
+
+    A family declares ``INT8_UNSUPPORTED = "<why>"`` when quantizing its step graph is
+    meaningless (MAML: the policy weights are a graph input, nothing to quantize). An INT8
+    device profile then gets the fp32 graph, with a warning.
+    """
+    why = getattr(family, "INT8_UNSUPPORTED", None)
+    if options.int8 and why:
+        raise BundleError(f"--int8 is not available for this family: {why}")
+    if profile is not None and profile.precision == "int8":
+        if why:
+            log.warning("profile %s asks for INT8; exporting fp32 only: %s", profile.name, why)
+            return False
+        return True
+    return options.int8
 
 
 def _calibration_recording(draft: Manifest, tmp: Path, run: LoadedRun) -> Recording:

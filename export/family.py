@@ -16,8 +16,9 @@ Each exportable registry entry (:mod:`training.registry`) names a module that pr
 Optional: ``parity_target(run)`` (a target that depends on the run: PEARL's full beliefs),
 ``OUTPUT_TARGETS`` (per-output targets: RL²'s surprise), ``export_graphs(run, modules, out,
 opset)`` (graphs the generic exporter cannot write, and extra files: MAML's traced adapt graph
-and ``theta.npy``) and ``extra_parity(run, bundle_dir, manifest)`` (parity of graphs that the
-step inputs cannot feed: MAML's adapt graph).
+and ``theta.npy``) ``extra_parity(run, bundle_dir, manifest)`` (parity of graphs that the
+step inputs cannot feed: MAML's adapt graph) and ``INT8_UNSUPPORTED`` (why an INT8 step graph
+makes no sense for the family: MAML's weights are a graph input).
 
 The bundle writer, ``verify`` and the INT8 pass use only these; nothing there tests for an
 algorithm by name.

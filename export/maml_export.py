@@ -53,6 +53,10 @@ from training.maml_family import ADAPTATIONS
 from training.maml_networks import policy_mean
 
 PARITY_TARGET = 1e-5
+INT8_UNSUPPORTED = (
+    "the policy weights are an input of the step graph (the fast weights), so there are no"
+    " constant weights to quantize"
+)
 #: The adapt graph's parity is checked on its own (tests/test_maml.py, 8e-8) and end to end
 #: by the contract suite (torch vs onnxruntime returns through an adaptation); verify --run
 #: checks the step and act graphs (the modules below).

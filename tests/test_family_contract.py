@@ -16,6 +16,7 @@ import pytest
 
 from export.bundle_writer import ExportOptions, export_bundle
 from runtime.agent import Agent, AgentConfig
+from runtime.errors import BundleError
 from runtime.evaluation import RandomPolicy, held_out_tasks, rollout
 from runtime.tasks import make_family
 from training.checkpoint import LoadedRun, load_run
@@ -218,6 +219,16 @@ def test_maml_adapts_between_episodes_in_onnxruntime(tmp_path_factory):
     np.testing.assert_array_equal(agent.state["weights"], np.tile(theta, (len(t), 1)))
 
 
+def test_int8_is_refused_for_a_family_with_weights_as_input(tmp_path_factory, tmp_path):
+    """MAML's step graph takes its weights as an input: an explicit --int8 is a clear error,
+    and nothing is written."""
+    run_dir, _ = trained("maml", tmp_path_factory)
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match="--int8 is not available for this family: the policy"):
+        export_bundle(run_dir, out, ExportOptions(calibration_tasks=8, int8=True))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("algo", EXPORTABLE)
 def test_one_absurd_observation_leaves_no_trace_in_any_family(algo, tmp_path_factory):
     """Issue 17 part 4 for every family: a finite but absurd reading (1e6 everywhere) is
@@ -261,8 +272,6 @@ def _walk(n: int) -> list[tuple]:
 def test_an_adaptation_beyond_the_configured_limit_keeps_the_old_weights(tmp_path_factory):
     """The guard on an inner step: a step_norm limit below any real step refuses every
     adaptation (event, old weights kept); an unknown statistic is a clear error at load."""
-    from runtime.errors import BundleError
-
     bundle = bundle_of("maml", tmp_path_factory)
     agent = Agent.load(bundle, config=AgentConfig(adapt_limits={"step_norm": 1e-9}))
     theta = agent.state["weights"][0].copy()
