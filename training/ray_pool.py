@@ -75,6 +75,12 @@ class RolloutWorker:
         """The actor's process id (fault tests kill it)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node the actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def run(self, fn: ShardFn, cfg: Any, weights: Any, job: ShardJob) -> Any:
         return fn(cfg, weights, job, self.cache)
 
@@ -101,6 +107,10 @@ class RayPool:
     def pids(self) -> list[int]:
         """Process ids of the current actors."""
         return self.ray.get([a.pid.remote() for a in self.actors])
+
+    def nodes(self) -> list[str]:
+        """Ray node ids of the current actors."""
+        return self.ray.get([a.node_id.remote() for a in self.actors])
 
     def map(self, fn: ShardFn, cfg: Any, weights: Any, jobs: list[ShardJob]) -> list[Any]:
         """Run every shard on a free actor; replace dead or overdue actors and re-run their
