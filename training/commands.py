@@ -72,6 +72,40 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_bench_training)
 
     p = bench.add_parser(
+        "rollouts",
+        help="env-steps/s of rollout collection in-process and on 1, 2, ... Ray workers",
+    )
+    p.add_argument(
+        "config", nargs="?", default="configs/pearl/point-nav.yaml",
+        help="PEARL config whose networks fly (default configs/pearl/point-nav.yaml)",
+    )  # fmt: skip
+    p.add_argument("--family", default="cheetah-vel", help="task family (default cheetah-vel)")
+    p.add_argument(
+        "--workers", default="0,1,2", help="comma-separated worker counts; 0 = in-process"
+    )
+    p.add_argument("--tasks", type=int, default=16, help="tasks per collection call")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per task per call")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per setting")
+    p.add_argument("--ray", default="local", metavar="ADDRESS", help="Ray address (default local)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=cmd_bench_rollouts)
+
+    p = bench.add_parser(
+        "sweep",
+        help="wall time of a seed sweep run sequentially and on Ray, same seeds, one go",
+    )
+    p.add_argument("config")
+    p.add_argument("--seeds", default="0-5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="runs/bench-sweep", help="parent of sequential/ and ray/")
+    p.add_argument("--splits", default="test")
+    p.add_argument("--oracle-config")
+    p.add_argument("--ray", default="local", metavar="ADDRESS", help="Ray address (default local)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=cmd_bench_sweep)
+
+    p = bench.add_parser(
         "latent-probe",
         help="split a run's gap to the oracle into actor and inference (best fixed latent)",
     )
@@ -265,6 +299,62 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         print(md.read_text(), end="")
         print(f"written: {js} and {md}")
+    return 0
+
+
+def cmd_bench_rollouts(args: argparse.Namespace) -> int:
+    """Collection env-steps/s per worker count; print one JSON object (or a short table)."""
+    from runtime.errors import ConfigError
+    from training.rollout_bench import bench_rollouts
+
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r}: expected e.g. 0,1,2") from None
+    if not workers or min(workers) < 0:
+        raise ConfigError(f"--workers {args.workers!r}: expected counts >= 0, e.g. 0,1,2")
+    r = bench_rollouts(
+        Path(args.config), args.family, workers, args.tasks, args.episodes, args.repeats,
+        args.ray, list(args.set),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['family']}: {r['env_steps_per_call']} env-steps per call, median of "
+          f"{r['repeats']}")  # fmt: skip
+    for row in r["rows"]:
+        print(f"  {row['where']:<10} workers {row['workers']:>3}  {row['env_steps_per_s']:>10.0f}"
+              f" env-steps/s  ({row['call_s_median']:.3f} s per call)")  # fmt: skip
+    if "ray_overhead_1_worker_pct" in r:
+        print(f"  Ray overhead at 1 worker: {r['ray_overhead_1_worker_s']:.4f} s per call "
+              f"({r['ray_overhead_1_worker_pct']:+.1f} %)")  # fmt: skip
+    return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    """The same seeds sequentially, then as Ray tasks; wall times and whether tables agree."""
+    import time
+
+    from training import sweep
+
+    config, out = Path(args.config), Path(args.out)
+    splits = args.splits.split(",")
+    seeds = sweep.parse_seeds(args.seeds)
+    result: dict = {"config": str(config), "seeds": seeds, "overrides": list(args.set)}
+    tables = {}
+    for mode in ("sequential", "ray"):
+        plans = sweep.plan_sweep(config, seeds, list(args.set), out / mode, args.oracle_config)
+        start = time.perf_counter()
+        if mode == "sequential":
+            runs = sweep.run_sequential(plans, splits, progress=False)
+        else:
+            runs = sweep.run_on_ray(plans, splits, args.ray)
+        result[f"{mode}_wall_s"] = round(time.perf_counter() - start, 1)
+        tables[mode] = sweep.summarize(runs, splits)
+        result[f"{mode}_table"] = {s: tables[mode][s] for s in splits}
+    result["speedup"] = round(result["sequential_wall_s"] / result["ray_wall_s"], 2)
+    result["same_numbers"] = all(tables["sequential"][s] == tables["ray"][s] for s in splits)
+    print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
 
