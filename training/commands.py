@@ -385,7 +385,7 @@ class SweepDisplay:
 def _role_offsets(plan) -> dict[str, int]:
     """Iterations done before each role of a seed's plan starts."""
     offsets, total = {}, 0
-    for (role, *_), n in zip(plan.roles, plan.iterations, strict=True):
+    for (role, _, _), n in zip(plan.roles, plan.iterations, strict=True):
         offsets[role] = total
         total += n
     return offsets

@@ -51,12 +51,16 @@ Report = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What one seed trains: (role, config path, overrides, run directory) in order."""
+    """What one seed trains, in order: (role, validated config, run directory) per run. The
+    configs travel with the plan, so a Ray task on another node needs no config files."""
 
     seed: int
-    roles: tuple[tuple[str, Path, tuple[str, ...], Path], ...]
+    roles: tuple[tuple[str, Any, Path], ...]
     evaluate: Path  # the run directory that is meta-tested
-    iterations: tuple[int, ...]  # per role, for progress
+
+    @property
+    def iterations(self) -> tuple[int, ...]:
+        return tuple(cfg.train.iterations for _, cfg, _ in self.roles)
 
 
 def oracle_config_of(config: Path, cfg: Any, explicit: str | None = None) -> Path | None:
@@ -72,23 +76,23 @@ def oracle_config_of(config: Path, cfg: Any, explicit: str | None = None) -> Pat
 def plan_run(
     config: Path, overrides: list[str], out: Path, oracle_config: str | None = None
 ) -> RunPlan:
-    """The oracle (if any) and the family run of one config under ``out``."""
+    """The oracle (if the config names one) and the family run of ``config`` under ``out``
+    (made absolute: Ray workers need not share the driver's working directory)."""
     from training.config import load_train_config
 
+    out = out.resolve()
     main = load_train_config(config, overrides)
     oracle = oracle_config_of(config, main, oracle_config)
-    roles: list[tuple[str, Path, tuple[str, ...], Path]] = []
-    iterations = []
-    extra: list[str] = []
+    roles: list[tuple[str, Any, Path]] = []
     if oracle is not None and main.algo != "oracle":
         oracle_dir = out / f"{config.stem}-oracle"
-        roles.append(("oracle", oracle, tuple(overrides), oracle_dir))
-        iterations.append(load_train_config(oracle, overrides).train.iterations)
-        extra = [f"eval.oracle_run={json.dumps(str(oracle_dir))}"]
+        roles.append(("oracle", load_train_config(oracle, overrides), oracle_dir))
+        main = load_train_config(
+            config, [*overrides, f"eval.oracle_run={json.dumps(str(oracle_dir))}"]
+        )
     run_dir = out / f"{config.stem}-{main.algo}"
-    roles.append((main.algo, config, (*overrides, *extra), run_dir))
-    iterations.append(main.train.iterations)
-    return RunPlan(main.seed, tuple(roles), run_dir, tuple(iterations))
+    roles.append((main.algo, main, run_dir))
+    return RunPlan(main.seed, tuple(roles), run_dir)
 
 
 def train_and_evaluate(
@@ -96,17 +100,17 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train every role of ``plan`` (fresh run directories), then meta-test its last run on
     ``splits``; one JSON-able dict (what ``bench training`` prints)."""
-    from training.config import load_train_config
+    from runtime.plugins import import_plugins
     from training.evaluate import evaluate_run
     from training.registry import entry_of
 
     result: dict[str, Any] = {"seed": plan.seed}
-    for (role, path, overrides, run_dir), total in zip(plan.roles, plan.iterations, strict=True):
+    for role, cfg, run_dir in plan.roles:
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = load_train_config(path, list(overrides))
+        import_plugins(cfg.env.plugins)
         result["algo"], result["env"] = cfg.algo, cfg.env.name
         start = time.perf_counter()
-        with watch(run_dir, role, total, report):
+        with watch(run_dir, role, cfg.train.iterations, report):
             state = entry_of(cfg).impl().train(cfg, run_dir, progress=progress)
         result[f"{role}_train_wall_s"] = round(time.perf_counter() - start, 1)
         result[f"{role}_env_steps"] = state.env_steps
@@ -185,7 +189,6 @@ def run_on_ray(
 ) -> list[dict]:
     """Every seed as a Ray task (``train.num_threads`` CPUs each), in parallel; ``show`` gets
     ``{seed: (role, done, total)}`` about once a second while they run."""
-    from training.config import load_train_config
     from training.ray_pool import connect, import_ray
 
     ray = import_ray()
@@ -195,8 +198,7 @@ def run_on_ray(
         driver_node = ray.get_runtime_context().get_node_id()
         refs = {}
         for plan in plans:
-            _, path, overrides, _ = plan.roles[-1]
-            cpus = load_train_config(path, list(overrides)).train.num_threads
+            cpus = max(cfg.train.num_threads for _, cfg, _ in plan.roles)
             task = ray.remote(num_cpus=cpus, max_retries=1)(_remote_seed)
             refs[task.remote(plan, splits, board, driver_node)] = plan
         results = _gather(ray, refs, board, show)
