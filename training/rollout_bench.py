@@ -5,7 +5,8 @@ object store on Ray), the shards run, the episodes back in the learner's process
 function is PEARL's online collection (context encoder + belief update + actor, one torch
 forward per step per batch) on the configured family: the Python loop the issue is about. Each
 setting gets one untimed warm-up call (actor start, imports, environment construction), then
-``repeats`` timed calls; medians are reported.
+``repeats`` timed calls, interleaved across the settings (all pools are open at once); medians
+are reported.
 
 The projection to more workers is a model, not a measurement (its assumptions are in the
 output): a call on W workers costs ``o + S * tau / W`` for S env-steps per call, where ``tau``
@@ -55,9 +56,9 @@ def bench_rollouts(
     if any(w > 0 for w in workers):
         from training.ray_pool import connect
 
-        owns = connect(address, max(workers))
+        owns = connect(address, sum(workers))
     try:
-        rows = [_measure(cfg, nets, task_set, episodes, repeats, w, address) for w in workers]
+        rows = _measure_all(cfg, nets, task_set, episodes, repeats, workers, address)
     finally:
         if owns:
             import ray
@@ -74,35 +75,45 @@ def bench_rollouts(
     return result
 
 
-def _measure(
+def _measure_all(
     cfg: Any,
     nets: Any,
     task_set: np.ndarray,
     episodes: int,
     repeats: int,
-    workers: int,
+    workers: list[int],
     address: str | None,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """Every setting's pool open at once; timed calls interleaved round-robin, so a change
+    of load on a shared machine hits every setting alike."""
     steps = len(task_set) * episodes * cfg_horizon(cfg)
-    start = time.perf_counter()
-    pool = _pool(workers, address)
-    startup = time.perf_counter() - start
+    pools, startup = [], []
+    for w in workers:
+        start = time.perf_counter()
+        pools.append(_pool(w, address))
+        startup.append(time.perf_counter() - start)
     rng = np.random.default_rng(0)
     try:
-        times = [_one_call(pool, cfg, nets, task_set, episodes, rng) for _ in range(repeats + 1)]
+        warmup = [_one_call(p, cfg, nets, task_set, episodes, rng) for p in pools]
+        times: list[list[float]] = [[] for _ in pools]
+        for _ in range(repeats):
+            for i, p in enumerate(pools):
+                times[i].append(_one_call(p, cfg, nets, task_set, episodes, rng))
     finally:
-        pool.close()
-    timed = times[1:]  # the first call warms up (imports, environments, network skeletons)
-    median = statistics.median(timed)
-    return {
-        "workers": workers,
-        "where": "in-process" if workers == 0 else "ray",
-        "call_s_median": round(median, 4),
-        "call_s_all": [round(t, 4) for t in timed],
-        "warmup_call_s": round(times[0], 3),
-        "pool_start_s": round(startup, 3),
-        "env_steps_per_s": round(steps / median, 1),
-    }
+        for p in pools:
+            p.close()
+    return [
+        {
+            "workers": w,
+            "where": "in-process" if w == 0 else "ray",
+            "call_s_median": round(statistics.median(t), 4),
+            "call_s_all": [round(x, 4) for x in t],
+            "warmup_call_s": round(warm, 3),
+            "pool_start_s": round(up, 3),
+            "env_steps_per_s": round(steps / statistics.median(t), 1),
+        }
+        for w, t, warm, up in zip(workers, times, warmup, startup, strict=True)
+    ]
 
 
 def cfg_horizon(cfg: Any) -> int:
