@@ -147,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides.append(f"ray.workers={args.workers}")
     cfg = load_train_config(args.config, overrides)
+    if args.workers is not None and cfg.ray.address is None:
+        raise ConfigError("--workers sets Ray rollout workers: add --ray (or set ray.address)")
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
     if args.resume and not (run_dir / "checkpoints" / "latest.pt").is_file():
         raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/latest.pt)")

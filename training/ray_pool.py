@@ -100,6 +100,7 @@ class RayPool:
         self.num_threads = num_threads
         self.actors = [self._spawn() for _ in range(cfg.workers)]
         self.replaced = 0  # workers replaced after dying or timing out
+        log.info("collecting rollouts on %d Ray workers (%s)", cfg.workers, cfg.address)
 
     def put(self, weights: Any) -> Any:
         return self.ray.put(weights)
