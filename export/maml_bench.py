@@ -59,7 +59,7 @@ def bench_adapt(state: MAMLState, episodes: int, runs: int, workdir: Path) -> di
     env = make_family(state.cfg.env.name, episodes)
     tasks = env.sample_tasks("test", 1, state.rng)
     w = state.theta.detach()[None]
-    b = collect(env, tasks, w, _with_episodes(state, episodes)).batch
+    b = collect(_with_episodes(state, episodes), tasks, w).batch
     lr = torch.full((1, 1), state.inner_lr)
     values = (w, b.obs_BNO, b.action_BNA, b.reward_BN, b.mask_BN, lr)
     feed = {n: x.numpy() for n, x in zip(ADAPT_INPUTS, values, strict=True)}

@@ -40,6 +40,7 @@ EXTRA_OF_MODULE = {
     "tensorrt": "trt",
     "mujoco": "bench",
     "metaworld": "bench",
+    "ray": "ray",
 }
 
 

@@ -67,7 +67,7 @@ def recorded_buffer(seed: int = 0) -> tuple[torch.Tensor, ...]:
     env = make_family("nav2d", 4)
     tasks = env.sample_tasks("test", 1, state.rng)
     w = state.theta.detach()[None]
-    b = collect(env, tasks, w, state).batch  # 1 task x 4 episodes x 100 steps
+    b = collect(state, tasks, w).batch  # 1 task x 4 episodes x 100 steps
     return (w, b.obs_BNO, b.action_BNA, b.reward_BN, b.mask_BN, torch.full((1, 1), 0.1))
 
 

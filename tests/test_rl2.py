@@ -122,7 +122,7 @@ def test_full_trial_unroll_reproduces_collection():
     across the episode boundary): the PPO ratio starts at exactly 1."""
     state = init_state(tiny_config())
     env = make_family("point-nav", 8)
-    batch = collect_trials(state, env, sample_trial_tasks(state))
+    batch = collect_trials(state, sample_trial_tasks(state))
     assert batch.obs.shape[:2] == (8, 2 * env.spec.horizon)
     adv, ret = compute_gae(state, batch)
     losses = ppo_losses(state, batch, adv, ret)

@@ -25,7 +25,30 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _ray_args(p, "collect rollouts on Ray actors")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="Ray rollout workers (sets ray.workers)"
+    )
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train and meta-test one config under several seeds (each with its own oracle), "
+        "in parallel on Ray with --ray; one table of mean/std/min/max",
+    )
+    p.add_argument("config", help="config of any family, e.g. configs/pearl/point-nav.yaml")
+    p.add_argument("--seeds", default="0-5", help="e.g. 0-5 or 0,2,7 (default 0-5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="sweep folder (default runs/sweep/<config name>)")
+    p.add_argument("--splits", default="test,ood", help="comma-separated splits to evaluate")
+    p.add_argument(
+        "--oracle-config",
+        help="oracle config (default: the config's eval.oracle_config, else <config>-oracle.yaml "
+        "if it exists; none: no normalized scores)",
+    )
+    _ray_args(p, "run the seeds in parallel as Ray tasks")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress)")
+    p.set_defaults(handler=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="meta-test a run directory or a bundle on held-out tasks")
     add_plugin_arg(p)
@@ -49,6 +72,40 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_bench_training)
 
     p = bench.add_parser(
+        "rollouts",
+        help="env-steps/s of rollout collection in-process and on 1, 2, ... Ray workers",
+    )
+    p.add_argument(
+        "config", nargs="?", default="configs/pearl/point-nav.yaml",
+        help="PEARL config whose networks fly (default configs/pearl/point-nav.yaml)",
+    )  # fmt: skip
+    p.add_argument("--family", default="cheetah-vel", help="task family (default cheetah-vel)")
+    p.add_argument(
+        "--workers", default="0,1,2", help="comma-separated worker counts; 0 = in-process"
+    )
+    p.add_argument("--tasks", type=int, default=16, help="tasks per collection call")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per task per call")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per setting")
+    p.add_argument("--ray", default="local", metavar="ADDRESS", help="Ray address (default local)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=cmd_bench_rollouts)
+
+    p = bench.add_parser(
+        "sweep",
+        help="wall time of a seed sweep run sequentially and on Ray, same seeds, one go",
+    )
+    p.add_argument("config")
+    p.add_argument("--seeds", default="0-5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="runs/bench-sweep", help="parent of sequential/ and ray/")
+    p.add_argument("--splits", default="test")
+    p.add_argument("--oracle-config")
+    p.add_argument("--ray", default="local", metavar="ADDRESS", help="Ray address (default local)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=cmd_bench_sweep)
+
+    p = bench.add_parser(
         "latent-probe",
         help="split a run's gap to the oracle into actor and inference (best fixed latent)",
     )
@@ -57,6 +114,17 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--population", type=int, default=64, help="search candidates per task")
     p.add_argument("--iterations", type=int, default=12, help="cross-entropy search rounds")
     p.set_defaults(handler=cmd_bench_latent_probe)
+
+
+def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"{what} (the ray extra): alone, start Ray on this machine; 'auto': join the "
+        "running cluster; or a cluster address (host:port, ray://host:10001)",
+    )
 
 
 def _protocol_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +142,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_train_config
 
     overrides = list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    if args.ray is not None:
+        overrides.append(f"ray.address={json.dumps(args.ray)}")
+    if args.workers is not None:
+        overrides.append(f"ray.workers={args.workers}")
     cfg = load_train_config(args.config, overrides)
+    if args.workers is not None and cfg.ray.address is None:
+        raise ConfigError("--workers sets Ray rollout workers: add --ray (or set ray.address)")
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
     if args.resume and not (run_dir / "checkpoints" / "latest.pt").is_file():
         raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/latest.pt)")
@@ -179,43 +253,144 @@ def format_report(r: dict) -> str:
 
 
 def cmd_bench_training(args: argparse.Namespace) -> int:
-    """Train the oracle and the PEARL policy, evaluate both splits, print one JSON object."""
-    import shutil
-    import time
-
-    from training.config import load_train_config
-    from training.evaluate import evaluate_run
-    from training.registry import entry_of
+    """Train the oracle and the policy, evaluate the splits, print one JSON object."""
+    from training.sweep import plan_run, train_and_evaluate
 
     config = Path(args.config)
-    main_cfg = load_train_config(config, list(args.set))
-    if args.oracle_config:
-        oracle_config = Path(args.oracle_config)
-    elif main_cfg.eval.oracle_config:  # relative to the config file that names it
-        oracle_config = config.parent / main_cfg.eval.oracle_config
-    else:
-        oracle_config = config.with_name(config.stem + "-oracle.yaml")
-    out = Path(args.out)
-    algo = main_cfg.algo
-    result: dict = {"config": str(config), "algo": algo}
-    for role, path in (("oracle", oracle_config), (algo, config)):
-        run_dir = out / f"{config.stem}-{role}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        overrides = list(args.set)
-        if role != "oracle":
-            overrides.append(f"eval.oracle_run={out / (config.stem + '-oracle')}")
-        cfg = load_train_config(path, overrides)
-        start = time.perf_counter()
-        state = entry_of(cfg).impl().train(cfg, run_dir, progress=not args.json)
-        result[f"{role}_train_wall_s"] = round(time.perf_counter() - start, 1)
-        result[f"{role}_env_steps"] = state.env_steps
-        result[f"{role}_updates"] = getattr(state, "updates", None)
-    result["env"] = main_cfg.env.name
-    for split in args.splits.split(","):
-        report = evaluate_run(out / f"{config.stem}-{algo}", split)
-        result[split] = report.to_dict()
+    plan = plan_run(config, list(args.set), Path(args.out), args.oracle_config)
+    result = {"config": str(config)}
+    result.update(train_and_evaluate(plan, args.splits.split(","), progress=not args.json))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train and meta-test one config under each seed; print and write the summary table."""
+    import time
+
+    from training import sweep
+
+    config = Path(args.config)
+    out = Path(args.out or Path("runs") / "sweep" / config.stem)
+    splits = args.splits.split(",")
+    plans = sweep.plan_sweep(
+        config, sweep.parse_seeds(args.seeds), list(args.set), out, args.oracle_config
+    )
+    start = time.perf_counter()
+    if args.ray is None:
+        results = sweep.run_sequential(plans, splits, progress=not args.json)
+    else:
+        display = None if args.json else SweepDisplay(plans)
+        try:
+            results = sweep.run_on_ray(plans, splits, args.ray, display)
+        finally:
+            if display is not None:
+                display.close()
+    summary = {
+        "config": str(config),
+        "overrides": list(args.set),
+        "seeds": [p.seed for p in plans],
+        "mode": "sequential" if args.ray is None else f"ray ({args.ray})",
+        "wall_s": round(time.perf_counter() - start, 1),
+        "table": sweep.summarize(results, splits),
+        "runs": results,
+    }
+    js, md = sweep.write_summary(out, summary, f"{config} over seeds {args.seeds}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(md.read_text(), end="")
+        print(f"written: {js} and {md}")
+    return 0
+
+
+def cmd_bench_rollouts(args: argparse.Namespace) -> int:
+    """Collection env-steps/s per worker count; print one JSON object (or a short table)."""
+    from runtime.errors import ConfigError
+    from training.rollout_bench import bench_rollouts
+
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r}: expected e.g. 0,1,2") from None
+    if not workers or min(workers) < 0:
+        raise ConfigError(f"--workers {args.workers!r}: expected counts >= 0, e.g. 0,1,2")
+    r = bench_rollouts(
+        Path(args.config), args.family, workers, args.tasks, args.episodes, args.repeats,
+        args.ray, list(args.set),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['family']}: {r['env_steps_per_call']} env-steps per call, median of "
+          f"{r['repeats']}")  # fmt: skip
+    for row in r["rows"]:
+        print(f"  {row['where']:<10} workers {row['workers']:>3}  {row['env_steps_per_s']:>10.0f}"
+              f" env-steps/s  ({row['call_s_median']:.3f} s per call)")  # fmt: skip
+    if "ray_overhead_1_worker_pct" in r:
+        print(f"  Ray overhead at 1 worker: {r['ray_overhead_1_worker_s']:.4f} s per call "
+              f"({r['ray_overhead_1_worker_pct']:+.1f} %)")  # fmt: skip
+    return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    """The same seeds sequentially, then as Ray tasks; wall times and whether tables agree."""
+    import time
+
+    from training import sweep
+
+    config, out = Path(args.config), Path(args.out)
+    splits = args.splits.split(",")
+    seeds = sweep.parse_seeds(args.seeds)
+    result: dict = {"config": str(config), "seeds": seeds, "overrides": list(args.set)}
+    tables = {}
+    for mode in ("sequential", "ray"):
+        plans = sweep.plan_sweep(config, seeds, list(args.set), out / mode, args.oracle_config)
+        start = time.perf_counter()
+        if mode == "sequential":
+            runs = sweep.run_sequential(plans, splits, progress=False)
+        else:
+            runs = sweep.run_on_ray(plans, splits, args.ray)
+        result[f"{mode}_wall_s"] = round(time.perf_counter() - start, 1)
+        tables[mode] = sweep.summarize(runs, splits)
+        result[f"{mode}_table"] = {s: tables[mode][s] for s in splits}
+    result["speedup"] = round(result["sequential_wall_s"] / result["ray_wall_s"], 2)
+    result["same_numbers"] = all(tables["sequential"][s] == tables["ray"][s] for s in splits)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+class SweepDisplay:
+    """One progress bar per seed (oracle + family iterations), fed by the Ray progress board."""
+
+    def __init__(self, plans: list) -> None:
+        from tqdm.auto import tqdm
+
+        self.offsets = {p.seed: _role_offsets(p) for p in plans}
+        self.bars = {
+            p.seed: tqdm(total=sum(p.iterations), desc=f"seed {p.seed}", unit="it", position=i,
+                         dynamic_ncols=True)
+            for i, p in enumerate(plans)
+        }  # fmt: skip
+
+    def __call__(self, snapshot: dict[int, tuple[str, int, int]]) -> None:
+        for seed, (role, done, _) in snapshot.items():
+            bar = self.bars[seed]
+            bar.set_description(f"seed {seed} {role}", refresh=False)
+            bar.update(self.offsets[seed].get(role, 0) + done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _role_offsets(plan) -> dict[str, int]:
+    """Iterations done before each role of a seed's plan starts."""
+    offsets, total = {}, 0
+    for (role, _, _), n in zip(plan.roles, plan.iterations, strict=True):
+        offsets[role] = total
+        total += n
+    return offsets
 
 
 def cmd_bench_latent_probe(args: argparse.Namespace) -> int:

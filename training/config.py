@@ -157,6 +157,33 @@ class EvalConfig(_Section):
     )
 
 
+class RayConfig(_Section):
+    """Rollout collection on Ray actors (``edgeadapt train --ray``; the ``ray`` extra).
+
+    Collection is split into ``workers`` shards, each with its own RNG stream drawn from the
+    learner's; one learner updates. The numbers depend on ``workers`` (the shards), not on
+    where the shards run: in-process collection is one shard, so ``workers: 1`` on Ray gives
+    the same numbers as no Ray at all.
+    """
+
+    address: str | None = Field(
+        None,
+        description=(
+            "None: collect in-process (no Ray); 'local': start Ray on this machine; 'auto': "
+            "join the running cluster (RAY_ADDRESS or the local head); else a cluster address "
+            "(host:port or ray://host:10001)"
+        ),
+    )
+    workers: int = Field(2, ge=1, le=4096, description="rollout actors (= shards per collection)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor")
+    timeout_s: float = Field(
+        600.0, gt=0, description="a shard running longer is abandoned: its actor is replaced"
+    )
+    max_retries: int = Field(
+        3, ge=0, description="re-collections of one shard after its worker died, then fail"
+    )
+
+
 class RunConfig(_Section):
     """What every algorithm's config has: the registry key, the seed, the task family and the
     meta-test protocol. Each algorithm adds its own sections (see :mod:`training.registry`)."""
@@ -165,6 +192,7 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, description="seed of every RNG in the run")
     env: EnvConfig = EnvConfig()
     eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
 
 
 class PearlConfig(RunConfig):

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from runtime.errors import CheckpointError
-from runtime.tasks import Split, TaskFamily, make_family
+from runtime.tasks import Split, make_family
 from runtime.tasks.base import FamilySpec
 from training.checkpoint import (
     FORMAT,
@@ -53,6 +53,15 @@ from training.maml_networks import (
 from training.maml_policy import MAMLPolicy, evaluate_policy
 from training.plots import read_metrics
 from training.progress import Progress
+from training.rollouts import (
+    InProcessPool,
+    RolloutPool,
+    ShardJob,
+    WorkerCache,
+    open_pool,
+    shard_generators,
+    shard_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +127,20 @@ def train(
         restore(state, run_dir)
     else:
         write_run_config(run_dir, cfg)
-    m, e = cfg.maml.meta_batch, cfg.maml.episodes_per_step
-    env = make_family(cfg.env.name, m * e)
+    pool = open_pool(cfg)
+    try:
+        run_iterations(state, run_dir, pool, progress)
+    finally:
+        pool.close()
+    plot_curve(run_dir)
+    return state
+
+
+def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress: bool) -> None:
+    """The loop: pre-update episodes, inner step, post-update episodes (both through
+    ``pool``), meta-update, log, evaluate, checkpoint."""
+    cfg = state.cfg
+    m = cfg.maml.meta_batch
     bar = Progress(
         progress,
         cfg.train.iterations,
@@ -131,12 +152,11 @@ def train(
     while state.iteration < cfg.train.iterations:
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
-        pre = collect(env, tasks, w_MW, state)
+        pre = collect(state, tasks, w_MW, pool)
         adapted = adapt_weights(state, w_MW, pre)
-        post = collect(env, tasks, adapted, state)
+        post = collect(state, tasks, adapted, pool)
         stats = outer_update(state, pre, post)
         state.iteration += 1
-        state.env_steps += 2 * m * e * state.spec.horizon
         row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
         if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
             row.update(quick_eval(state))
@@ -146,9 +166,7 @@ def train(
             checkpoint(state, run_dir)
         bar.advance(row)
     checkpoint(state, run_dir)
-    plot_curve(run_dir)
     bar.close()
-    return state
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -180,35 +198,57 @@ def sample_tasks(state: MAMLState) -> np.ndarray:
 
 # -- collection -------------------------------------------------------------------------------
 def collect(
-    env: TaskFamily, tasks_MK: np.ndarray, w_MW: torch.Tensor, state: MAMLState
+    state: MAMLState, tasks_MK: np.ndarray, w_MW: torch.Tensor, pool: RolloutPool | None = None
 ) -> Episodes:
-    """E sampled episodes per task with per-task weights; env row ``m * E + e``."""
-    spec, layout = state.spec, state.layout
-    m, e, h = len(tasks_MK), state.cfg.maml.episodes_per_step, spec.horizon
-    obs = env.reset(np.repeat(tasks_MK, e, axis=0), state.rng)
+    """E sampled episodes per task with per-task weights (in shards, through ``pool``)."""
+    pool = pool or InProcessPool()
+    e = state.cfg.maml.episodes_per_step
+    jobs = shard_jobs(pool, tasks_MK, state.rng, e)
+    parts = pool.map(episodes_shard, state.cfg, pool.put(w_MW.detach()), jobs)
+    obs, act, rew = (np.concatenate(x) for x in zip(*parts, strict=True))
+    m, h = len(tasks_MK), state.spec.horizon
+    state.env_steps += m * e * h
+    with torch.no_grad():
+        batch = InnerBatch(
+            torch.from_numpy(obs.reshape(m, e * h, -1)),
+            torch.from_numpy(act.reshape(m, e * h, -1)),
+            torch.from_numpy(rew.reshape(m, e * h)),
+            torch.ones(m, e * h),  # the families never terminate early: every slot is flown
+        )
+        logp = log_prob(batch.obs_BNO, batch.action_BNA, w_MW, state.layout)
+    return Episodes(batch, logp, float(rew.sum(axis=2).mean()))
+
+
+def episodes_shard(
+    cfg: MAMLTrainConfig, w_MW: torch.Tensor, job: ShardJob, cache: WorkerCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MAML's shard function: ``job.episodes`` episodes per task of the job, each task flown
+    with its row of ``w_MW``; returns obs ``(n, E, H, O)``, raw actions ``(n, E, H, A)`` and
+    rewards ``(n, E, H)`` (env row ``i * E + e``)."""
+    m, e = len(job.tasks), job.episodes
+    env = cache.env(cfg, m * e)
+    spec = env.spec
+    h = spec.horizon
+    layout = PolicyLayout(spec.obs_dim, spec.act_dim, cfg.model.hidden)
+    w = w_MW[torch.from_numpy(job.rows)]
+    rng, _ = shard_generators(job)
+    obs = env.reset(np.repeat(job.tasks, e, axis=0), rng)
     buf_obs = np.zeros((m, e, h, spec.obs_dim), np.float32)
     buf_act = np.zeros((m, e, h, spec.act_dim), np.float32)
     buf_rew = np.zeros((m, e, h), np.float32)
     half = (spec.act_high - spec.act_low) / 2.0
     with torch.no_grad():
-        std = torch.exp(policy_log_std(w_MW, layout)).numpy()[:, None, :]
+        std = torch.exp(policy_log_std(w, layout)).numpy()[:, None, :]
         for t in range(h):
             o = obs.reshape(m, e, spec.obs_dim)
-            mean = policy_mean(torch.from_numpy(o), w_MW, layout).numpy()
-            raw = (mean + std * state.rng.standard_normal(mean.shape)).astype(np.float32)
+            mean = policy_mean(torch.from_numpy(o), w, layout).numpy()
+            raw = (mean + std * rng.standard_normal(mean.shape)).astype(np.float32)
             physical = spec.act_low + half * (np.clip(raw, -1.0, 1.0) + 1.0)
             res = env.step(physical.reshape(m * e, spec.act_dim))
             buf_obs[:, :, t], buf_act[:, :, t] = o, raw
             buf_rew[:, :, t] = res.reward.reshape(m, e)
             obs = res.obs
-        batch = InnerBatch(
-            torch.from_numpy(buf_obs.reshape(m, e * h, -1)),
-            torch.from_numpy(buf_act.reshape(m, e * h, -1)),
-            torch.from_numpy(buf_rew.reshape(m, e * h)),
-            torch.ones(m, e * h),  # the families never terminate early: every slot is flown
-        )
-        logp = log_prob(batch.obs_BNO, batch.action_BNA, w_MW, layout)
-    return Episodes(batch, logp, float(buf_rew.sum(axis=2).mean()))
+    return buf_obs, buf_act, buf_rew
 
 
 def adapt_weights(state: MAMLState, w_MW: torch.Tensor, pre: Episodes) -> torch.Tensor:

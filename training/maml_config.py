@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runtime.configio import load_config
-from training.config import EnvConfig, EvalConfig
+from training.config import EnvConfig, EvalConfig, RayConfig
 
 
 class _Section(BaseModel):
@@ -101,6 +101,7 @@ class MAMLTrainConfig(_Section):
     maml: MAMLAlgoConfig = MAMLAlgoConfig()
     train: MAMLLoopConfig = MAMLLoopConfig()
     eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
 
 
 def load_maml_config(path: str | Path, overrides: list[str] | None = None) -> MAMLTrainConfig:

@@ -39,11 +39,12 @@ from training.checkpoint import (
     save_checkpoint,
     write_run_config,
 )
-from training.collect import collect_episodes
+from training.collect import add_steps, collect_shard, collection_weights
 from training.config import PearlConfig as TrainConfig
 from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
 from training.policy import OraclePolicy, PearlPolicy
 from training.progress import Progress
+from training.rollouts import InProcessPool, RolloutPool, open_pool, shard_jobs
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,21 @@ def train(
         restore(state, run_dir)
     else:
         write_run_config(run_dir, cfg)
-    env = make_family(cfg.env.name, cfg.train.tasks_per_iter)
+    pool = open_pool(cfg)
+    try:
+        run_iterations(state, run_dir, pool, progress, bar_position)
+    finally:
+        pool.close()
+    return state
+
+
+def run_iterations(
+    state: TrainState, run_dir: Path, pool: RolloutPool, progress: bool, bar_position: int
+) -> None:
+    """The loop: collect (through ``pool``), update, log, evaluate, checkpoint."""
+    cfg = state.cfg
     if state.iteration == 0 and cfg.train.initial_episodes:
-        collect_initial(state)
+        collect_initial(state, pool)
     bar = Progress(
         progress,
         cfg.train.iterations,
@@ -109,7 +122,7 @@ def train(
     steps_at_start = state.env_steps
     while state.iteration < cfg.train.iterations:
         ids = state.rng.choice(len(state.train_tasks), cfg.train.tasks_per_iter, replace=False)
-        train_return = collect_iteration(state, env, ids)
+        train_return = collect_iteration(state, pool, ids)
         set_learning_rates(state)
         stats = [update(state) for _ in range(cfg.train.updates_per_iter)]
         state.iteration += 1
@@ -123,7 +136,6 @@ def train(
         bar.advance(row)
     checkpoint(state, run_dir)
     bar.close()
-    return state
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -176,40 +188,40 @@ def make_policy(state: TrainState, **kwargs: Any) -> PearlPolicy:
 
 
 # -- collection ---------------------------------------------------------------------------
-def collect_initial(state: TrainState) -> None:
+def collect_initial(state: TrainState, pool: RolloutPool | None = None) -> None:
     """Prior-latent episodes on every train task so each buffer has data before updates."""
+    pool = pool or InProcessPool()
     n = len(state.train_tasks)
-    env = make_family(state.cfg.env.name, n)
-    policy = make_policy(state, stochastic=True, z_mode="sample", adaptive=False)
-    ids = np.arange(n)
-    collect_episodes(
-        policy,
-        env,
-        state.train_tasks,
-        ids,
-        state.buffer,
-        state.cfg.train.initial_episodes,
-        state.rng,
-    )
-    state.env_steps += n * state.cfg.train.initial_episodes * env.spec.horizon
+    weights = pool.put(collection_weights(state.nets))
+    collect(state, pool, weights, np.arange(n), state.cfg.train.initial_episodes, "prior")
 
 
-def collect_iteration(state: TrainState, env: TaskFamily, ids: np.ndarray) -> float:
-    """Prior-z exploration episodes, then online-belief episodes; returns the latter's mean."""
+def collect_iteration(state: TrainState, pool: RolloutPool, ids: np.ndarray) -> float:
+    """Prior-z exploration episodes, then online-belief episodes; returns the latter's mean.
+
+    The weights go to the workers once for both collections (they do not change in between).
+    """
     cfg = state.cfg.train
-    tasks = state.train_tasks[ids]
+    weights = pool.put(collection_weights(state.nets))
     ret = float("nan")
     if cfg.episodes_prior:
-        prior = make_policy(state, stochastic=True, z_mode="sample", adaptive=False)
-        collect_episodes(prior, env, tasks, ids, state.buffer, cfg.episodes_prior, state.rng)
+        collect(state, pool, weights, ids, cfg.episodes_prior, "prior")
     if cfg.episodes_posterior:
-        online = make_policy(state, stochastic=True, z_mode="mean", adaptive=True)
-        rets = collect_episodes(
-            online, env, tasks, ids, state.buffer, cfg.episodes_posterior, state.rng
-        )
-        ret = float(rets.mean())
-    state.env_steps += len(ids) * (cfg.episodes_prior + cfg.episodes_posterior) * env.spec.horizon
+        ret = float(collect(state, pool, weights, ids, cfg.episodes_posterior, "online").mean())
     return ret
+
+
+def collect(
+    state: TrainState, pool: RolloutPool, weights: Any, ids: np.ndarray, episodes: int, mode: str
+) -> np.ndarray:
+    """``episodes`` episodes on train tasks ``ids`` (in shards), written into the buffer;
+    returns the per-episode mean return over the tasks."""
+    jobs = shard_jobs(pool, state.train_tasks[ids], state.rng, episodes, mode)
+    parts = pool.map(collect_shard, state.cfg, weights, jobs)
+    for job, part in zip(jobs, parts, strict=True):
+        add_steps(state.buffer, ids[job.rows], part.steps)
+        state.env_steps += part.steps.obs.shape[0] * len(job.rows)
+    return sum(p.return_sum for p in parts) / len(ids)
 
 
 # -- updates ------------------------------------------------------------------------------

@@ -53,6 +53,16 @@ from training.progress import Progress
 from training.rl2_config import RL2TrainConfig
 from training.rl2_networks import RL2Agent
 from training.rl2_policy import RL2Policy
+from training.rollouts import (
+    InProcessPool,
+    RolloutPool,
+    ShardJob,
+    WorkerCache,
+    load_weights,
+    open_pool,
+    shard_generators,
+    shard_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +145,20 @@ def train(
         restore(state, run_dir)
     else:
         write_run_config(run_dir, cfg)  # type: ignore[arg-type]  (any pydantic config)
-    env = make_family(cfg.env.name, cfg.train.trials_per_iter)
+    pool = open_pool(cfg)
+    try:
+        run_iterations(state, run_dir, pool, progress, bar_position)
+    finally:
+        pool.close()
+    plot_learning_curve(run_dir, f"{cfg.env.name} (RL²)")
+    return state
+
+
+def run_iterations(
+    state: TrainState, run_dir: Path, pool: RolloutPool, progress: bool, bar_position: int
+) -> None:
+    """The loop: collect trials (through ``pool``), GAE, PPO, log, evaluate, checkpoint."""
+    cfg = state.cfg
     bar = Progress(
         progress,
         cfg.train.iterations,
@@ -147,7 +170,7 @@ def train(
     start = time.perf_counter()
     steps_at_start = state.env_steps
     while state.iteration < cfg.train.iterations:
-        batch = collect_trials(state, env, sample_trial_tasks(state))
+        batch = collect_trials(state, sample_trial_tasks(state), pool)
         advantages, returns = compute_gae(state, batch)
         set_learning_rate(state)
         stats = ppo_update(state, batch, advantages, returns)
@@ -162,8 +185,6 @@ def train(
         bar.advance(row)
     checkpoint(state, run_dir)
     bar.close()
-    plot_learning_curve(run_dir, f"{cfg.env.name} (RL²)")
-    return state
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -224,24 +245,51 @@ def physical_action(action_BA: np.ndarray, spec: FamilySpec) -> np.ndarray:
 
 
 # -- collection ---------------------------------------------------------------------------
-@torch.no_grad()
-def collect_trials(state: TrainState, env: TaskFamily, tasks: np.ndarray) -> TrialBatch:
-    """K episodes per task with stochastic actions; ``h`` carries across episodes.
+class TrialShard(NamedTuple):
+    """What one rollout shard returns: its trials and the auxiliary head's squared errors."""
+
+    batch: TrialBatch
+    errors: torch.Tensor  # (L * n, 1 + O)
+
+
+def collect_trials(
+    state: TrainState, tasks: np.ndarray, pool: RolloutPool | None = None
+) -> TrialBatch:
+    """K episodes per task with stochastic actions (in shards, through ``pool``).
 
     Also refreshes the surprise scale from the auxiliary head's errors on this fresh data
     (errors on transitions it was not yet trained on: what the device will see).
     """
-    cfg, agent, spec = state.cfg, state.agent, env.spec
-    k, horizon = cfg.train.episodes_per_trial, spec.horizon
+    pool = pool or InProcessPool()
+    cfg = state.cfg
+    weights = pool.put(state.agent.state_dict())
+    jobs = shard_jobs(pool, tasks, state.rng, cfg.train.episodes_per_trial)
+    parts = pool.map(trial_shard, cfg, weights, jobs)
+    state.agent.update_surprise_scales(torch.cat([p.errors for p in parts]), cfg.ppo.err_momentum)
+    batch = TrialBatch(*(torch.cat(x) for x in zip(*(p.batch for p in parts), strict=True)))
+    state.env_steps += batch.obs.shape[0] * batch.obs.shape[1]
+    return batch
+
+
+@torch.no_grad()
+def trial_shard(
+    cfg: RL2TrainConfig, weights: dict, job: ShardJob, cache: WorkerCache
+) -> TrialShard:
+    """RL²'s shard function: one trial per task of the job; ``h`` carries across episodes."""
+    env = cache.env(cfg, len(job.tasks))
+    spec, tasks = env.spec, job.tasks
+    agent = load_weights(cache.module("rl2", lambda: build_agent(cfg, spec)), weights)
+    rng, gen = shard_generators(job)
+    k, horizon = job.episodes, spec.horizon
     length = k * horizon
     h = agent.initial_state(len(tasks))
     steps: list[dict[str, torch.Tensor]] = []
     errors = []
     for ep in range(k):
-        obs = torch.from_numpy(env.reset(tasks, state.rng))
+        obs = torch.from_numpy(env.reset(tasks, rng))
         for t in range(horizon):
             dist = agent.dist(obs, h)
-            u = dist.sample(state.gen)
+            u = dist.sample(gen)
             action = torch.tanh(u)
             progress = torch.full((len(tasks), 1), (ep * horizon + t) / length)
             res = env.step(physical_action(action.numpy().astype(np.float64), spec))
@@ -264,9 +312,8 @@ def collect_trials(state: TrainState, env: TaskFamily, tasks: np.ndarray) -> Tri
             )
             h = agent.absorb(transition, done, h)
             obs = torch.from_numpy(res.obs)
-    agent.update_surprise_scales(torch.cat(errors), cfg.ppo.err_momentum)
-    state.env_steps += len(tasks) * length
-    return TrialBatch(**{key: torch.stack([s[key] for s in steps], 1) for key in steps[0]})
+    batch = TrialBatch(**{key: torch.stack([s[key] for s in steps], 1) for key in steps[0]})
+    return TrialShard(batch, torch.cat(errors))
 
 
 # -- advantages ---------------------------------------------------------------------------

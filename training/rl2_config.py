@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runtime.configio import load_config
-from training.config import EnvConfig, EvalConfig
+from training.config import EnvConfig, EvalConfig, RayConfig
 
 
 class _Section(BaseModel):
@@ -97,6 +97,7 @@ class RL2TrainConfig(_Section):
     ppo: PPOConfig = PPOConfig()
     train: RL2LoopConfig = RL2LoopConfig()
     eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
 
 
 def load_rl2_config(path: str | Path, overrides: list[str] | None = None) -> RL2TrainConfig:
