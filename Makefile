@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[train,export,dev,dashboard,postgres,mcap,bench]'
+	$(PIP) install -q -e '.[train,export,dev,dashboard,postgres,mcap,bench,ray]'
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
