@@ -1,0 +1,440 @@
+"""Simulated fleets for load tests of the backend: ``edgeadapt fleet-sim``.
+
+Each simulated device is a real field device: its own device root (provisioned, flashed through
+the A/B health gate), the real :class:`devices.runner.FieldRunner` (the runtime ``Agent`` on
+onnxruntime, the simulated plant, safe mode, commands) and the real telemetry client with its
+persisted SQLite outbox, publishing to an MQTT broker. Bundles of any family (PEARL, RL², MAML)
+run side by side: device ``k`` runs bundle ``k mod len(bundles)``.
+
+Devices are grouped into *hosts* (``per_host`` devices each, one thread per device control loop):
+
+- with ``ray`` set, every host is a Ray actor (``ray.init(address)``; ``auto`` connects to or
+  starts a cluster as ``ray.init()`` does), so a fleet spreads over a cluster's nodes;
+- without it, every host is a local child process.
+
+Each bundle is flashed once into a template device root (one real health gate per bundle); the
+template travels to the hosts as a tar archive (through Ray's object store) and every device
+unpacks its own copy, so device roots never share files.
+
+Ray is imported only when ``ray`` is set, and only here: nothing on the device side imports
+this module (``tests/test_device_side_no_torch.py`` checks both).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import shutil
+import statistics
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError, EdgeadaptError
+
+log = logging.getLogger(__name__)
+
+#: Telemetry batches of a simulated device leave at least this often (s): fewer, larger messages
+#: than a single robot's default keep hundreds of clients per core affordable.
+DEFAULT_BATCH_PERIOD_S = 0.2
+RAY_MISSING = "fleet-sim --ray needs Ray: pip install 'edgeadapt[ray]'"
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """What to simulate (rates in Hz, times in s)."""
+
+    devices: int
+    bundles: tuple[str, ...]
+    broker: str  #: mqtt://host:port
+    rate_hz: float = 10.0
+    duration_s: float = 10.0
+    pubkey: str | None = None  #: trusted key of signed bundles (devices then require it)
+    fleet: str = "sim"
+    prefix: str = "sim"  #: device ids are ``{prefix}-{k:04d}``
+    profile: str = "x86-cpu"
+    per_host: int = 100
+    batch_period_s: float = DEFAULT_BATCH_PERIOD_S
+    drain_s: float = 60.0
+    ray: str | None = None  #: None: local processes; "auto" or a cluster address: Ray actors
+    host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (scheduling only)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One host's share of the fleet (picklable: it crosses process and Ray boundaries)."""
+
+    index: int
+    first: int
+    count: int
+    templates: tuple[bytes, ...]  #: tar archives of the flashed template device roots
+    broker: str
+    fleet: str
+    prefix: str
+    rate_hz: float
+    batch_period_s: float
+    drain_s: float
+    seed: int
+
+
+@dataclass
+class DeviceResult:
+    """What one simulated device did."""
+
+    device: str
+    bundle: int  #: index into the fleet's bundles
+    algorithm: str
+    steps: int = 0
+    last_seq: int = 0  #: records it created (seq runs 1..last_seq on a fresh outbox)
+    drained: bool = False  #: every record acknowledged by the broker at exit
+    missed_deadlines: int = 0
+    step_us_median: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class FleetResult:
+    """The whole fleet's run (JSON-ready through :func:`dataclasses.asdict`)."""
+
+    devices: int
+    hosts: int
+    mode: str
+    rate_hz: float
+    duration_s: float
+    setup_s: float
+    run_s: float
+    records: int
+    steps: int
+    step_hz_per_device_median: float
+    missed_deadlines: int
+    all_drained: bool
+    failed: list[str]
+    algorithms: dict[str, int]
+    last_seq: dict[str, int] = field(repr=False)
+
+
+# --- one host ------------------------------------------------------------------------------------
+class FleetHost:
+    """``spec.count`` field runners in one process, one control-loop thread each."""
+
+    def __init__(self, spec: HostSpec, workdir: str | None = None) -> None:
+        self.spec = spec
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"edgeadapt-fleet-{spec.index}-"))
+        self.runners: list[Any] = []
+        self.results: list[DeviceResult] = []
+
+    def setup(self) -> float:
+        """Unpack each device root and boot its runner (bundle verified); returns seconds."""
+        from devices.runner import FieldRunner, RunnerOptions
+        from devices.telemetry.config import TelemetryConfig
+
+        t0 = time.perf_counter()
+        s = self.spec
+        for k in range(s.first, s.first + s.count):
+            name = f"{s.prefix}-{k:04d}"
+            which = k % len(s.templates)
+            root = self.workdir / name
+            _unpack(s.templates[which], root)
+            tele = TelemetryConfig(broker=s.broker, fleet=s.fleet, device=name,
+                                   outbox=str(root / "telemetry-outbox.sqlite"),
+                                   batch_period_s=s.batch_period_s)  # fmt: skip
+            opts = RunnerOptions(device_root=root, episodes=1_000_000_000, seed=s.seed + k,
+                                 rate_hz=s.rate_hz, safe="hold", telemetry=tele,
+                                 drain_s=s.drain_s)  # fmt: skip
+            runner = FieldRunner(opts)
+            self.runners.append(runner)
+            alg = str(runner.agent.manifest.algorithm)
+            self.results.append(DeviceResult(name, which, alg))
+        return time.perf_counter() - t0
+
+    def run(self, duration_s: float) -> list[dict[str, Any]]:
+        """Run every device for ``duration_s``, stop them, wait for their outboxes to drain."""
+        period = 1.0 / self.spec.rate_hz
+        n = len(self.runners)
+        threads = [
+            threading.Thread(target=self._device, args=(i, period * i / max(n, 1)),
+                             name=f"fleet-{self.results[i].device}", daemon=True)
+            for i in range(n)
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        time.sleep(duration_s)
+        for r in self.runners:
+            r.stop()
+        for t in threads:
+            t.join(self.spec.drain_s + 30)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return [asdict(r) for r in self.results]
+
+    def _device(self, i: int, delay_s: float) -> None:
+        """One device's life: a phase offset (no lockstep fleet), the loop, its figures."""
+        runner, res = self.runners[i], self.results[i]
+        time.sleep(delay_s)
+        try:
+            trace = runner.run()
+        except Exception as exc:  # one broken device must not stop the host
+            log.exception("simulated device %s failed", res.device)
+            res.error = f"{type(exc).__name__}: {exc}"[:300]
+            return
+        summary = trace.summary()
+        res.steps = summary["steps"]
+        res.missed_deadlines = summary["missed_deadlines"]
+        res.step_us_median = round(summary["step_us_median"], 1)
+        if runner.telemetry is not None:
+            st = runner.telemetry.stats()
+            res.last_seq = st.last_seq
+            res.drained = st.queued == 0 and st.stored == 0 and st.inflight_messages == 0
+
+
+# --- the fleet -----------------------------------------------------------------------------------
+def run_fleet(opts: FleetOptions, workdir: str | Path | None = None) -> FleetResult:
+    """Provision, start, run and stop the fleet; returns what every device did."""
+    _check(opts)
+    with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-") as tmp:
+        base = Path(workdir) if workdir is not None else Path(tmp)
+        templates = flash_templates(opts.bundles, opts.pubkey, opts.profile, base / "templates")
+        specs = host_specs(opts, templates)
+        runner = _run_ray if opts.ray else _run_processes
+        setup_s, run_s, devices = runner(opts, specs, base)
+    return _summarize(opts, len(specs), setup_s, run_s, devices)
+
+
+def flash_templates(
+    bundles: tuple[str, ...], pubkey: str | None, profile: str, where: Path
+) -> tuple[bytes, ...]:
+    """Flash each bundle (health gate included) into a fresh device root; return them as tars."""
+    from devices.flash import flash
+    from devices.slots import init_device
+
+    out = []
+    for i, bundle in enumerate(bundles):
+        root = where / f"template-{i}"
+        init_device(root, profile, pubkey)
+        res = flash(bundle, root)
+        if not res.ok:
+            raise EdgeadaptError(f"{bundle}: the device refused the bundle ({res.reason})")
+        out.append(_pack(root))
+    return tuple(out)
+
+
+def host_specs(opts: FleetOptions, templates: tuple[bytes, ...]) -> list[HostSpec]:
+    """The fleet cut into hosts of at most ``per_host`` devices."""
+    return [
+        HostSpec(index=i, first=first, count=min(opts.per_host, opts.devices - first),
+                 templates=templates, broker=opts.broker, fleet=opts.fleet, prefix=opts.prefix,
+                 rate_hz=opts.rate_hz, batch_period_s=opts.batch_period_s, drain_s=opts.drain_s,
+                 seed=opts.seed)
+        for i, first in enumerate(range(0, opts.devices, opts.per_host))
+    ]  # fmt: skip
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line error naming the extra."""
+    try:
+        import ray
+    except ImportError:
+        raise EdgeadaptError(RAY_MISSING) from None
+    return ray
+
+
+def _run_ray(
+    opts: FleetOptions, specs: list[HostSpec], base: Path
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """Every host a Ray actor: set all up, then start all runs together."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=None if opts.ray == "auto" else opts.ray, include_dashboard=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+    actor = ray.remote(num_cpus=opts.host_cpus, max_restarts=0)(FleetHost)
+    hosts = [actor.options(scheduling_strategy="SPREAD").remote(s) for s in specs]
+    try:
+        t0 = time.perf_counter()
+        ray.get([h.setup.remote() for h in hosts])
+        t1 = time.perf_counter()
+        results = ray.get([h.run.remote(opts.duration_s) for h in hosts])
+        t2 = time.perf_counter()
+    finally:
+        for h in hosts:
+            ray.kill(h)
+    return t1 - t0, t2 - t1, [d for r in results for d in r]
+
+
+def _run_processes(
+    opts: FleetOptions, specs: list[HostSpec], base: Path
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """Every host a local child process (spawned: no inherited threads or sockets)."""
+    ctx = mp.get_context("spawn")
+    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_host_process, args=(s, opts.duration_s, ready, done, go),
+                         daemon=True) for s in specs]  # fmt: skip
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            msg = ready.get(timeout=600)
+            if "error" in msg:
+                raise EdgeadaptError(f"fleet host {msg['host']} failed to start: {msg['error']}")
+        t1 = time.perf_counter()
+        go.set()
+        devices: list[dict[str, Any]] = []
+        for _ in procs:
+            msg = done.get(timeout=opts.duration_s + opts.drain_s + 600)
+            if "error" in msg:
+                raise EdgeadaptError(f"fleet host {msg['host']} failed: {msg['error']}")
+            devices += msg["devices"]
+        t2 = time.perf_counter()
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return t1 - t0, t2 - t1, devices
+
+
+def _host_process(spec: HostSpec, duration_s: float, ready: Any, done: Any, go: Any) -> None:
+    """Child process body: set up, report ready, wait for the start, run, report."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        host = FleetHost(spec)
+        ready.put({"host": spec.index, "setup_s": host.setup()})
+    except Exception as exc:
+        ready.put({"host": spec.index, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return
+    go.wait()
+    try:
+        done.put({"host": spec.index, "devices": host.run(duration_s)})
+    except Exception as exc:
+        done.put({"host": spec.index, "error": f"{type(exc).__name__}: {exc}"[:500]})
+
+
+def _summarize(
+    opts: FleetOptions, hosts: int, setup_s: float, run_s: float, devices: list[dict[str, Any]]
+) -> FleetResult:
+    rates = [d["steps"] / opts.duration_s for d in devices] or [0.0]
+    algs: dict[str, int] = {}
+    for d in devices:
+        algs[d["algorithm"]] = algs.get(d["algorithm"], 0) + 1
+    return FleetResult(
+        devices=len(devices), hosts=hosts, mode="ray" if opts.ray else "processes",
+        rate_hz=opts.rate_hz, duration_s=opts.duration_s, setup_s=round(setup_s, 2),
+        run_s=round(run_s, 2), records=sum(d["last_seq"] for d in devices),
+        steps=sum(d["steps"] for d in devices),
+        step_hz_per_device_median=round(statistics.median(rates), 2),
+        missed_deadlines=sum(d["missed_deadlines"] for d in devices),
+        all_drained=all(d["drained"] for d in devices),
+        failed=[f"{d['device']}: {d['error']}" for d in devices if d["error"]],
+        algorithms=algs, last_seq={d["device"]: d["last_seq"] for d in devices},
+    )  # fmt: skip
+
+
+def _check(opts: FleetOptions) -> None:
+    if opts.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {opts.devices}")
+    if not opts.bundles:
+        raise ConfigError("fleet-sim needs at least one --bundle")
+    if not opts.rate_hz > 0 or not opts.duration_s > 0:
+        raise ConfigError("--rate and --duration must be > 0")
+    if opts.per_host < 1:
+        raise ConfigError(f"--per-host must be >= 1, got {opts.per_host}")
+    for b in opts.bundles:
+        if not Path(b).is_dir():
+            raise ConfigError(f"no bundle directory at {b}")
+
+
+# --- device roots as archives --------------------------------------------------------------------
+def _pack(root: Path) -> bytes:
+    """A device root as a gzip'd tar (bundle files are small ONNX graphs: kB to a few MB)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(root, arcname=".")
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=False)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(root, filter="data")
+
+
+# --- what reached the collector ------------------------------------------------------------------
+def broker_url(text: str) -> str:
+    """``HOST:PORT`` (or an ``mqtt://``/``mqtts://`` URL) as a broker URL."""
+    if text.startswith(("mqtt://", "mqtts://")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--broker: expected HOST:PORT or mqtt://HOST:PORT, got {text!r}")
+    return f"mqtt://{host}:{port}"
+
+
+def collector_check(db: str | Path, last_seq: dict[str, int], timeout_s: float) -> dict[str, Any]:
+    """Wait (up to ``timeout_s``) for every record of ``last_seq``'s devices, then count.
+
+    ``lost``: records a device created (seq 1..last_seq) that the database lacks; ``duplicates``:
+    sequence numbers stored twice (the primary key makes it 0 unless a device lost its outbox);
+    ``duplicates_dropped``: redelivered copies the collector(s) recognised and dropped.
+    """
+    from devices.telemetry import collector_db, database
+
+    expected = sum(last_seq.values())
+    names = sorted(last_seq)
+
+    def stored() -> int:
+        with database.connect(db, readonly=True) as conn:
+            marks = ",".join("?" * len(names))
+            sql = f"SELECT COUNT(*) FROM records WHERE device IN ({marks})"
+            return int(conn.execute(sql, names).fetchone()[0])
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    while stored() < expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    waited = time.monotonic() - t0
+    with database.connect(db, readonly=True) as conn:
+        stats = collector_db.device_stats(conn)
+    mine = {d: stats.get(d, {}) for d in names}
+    return {
+        "expected": expected,
+        "stored": sum(s.get("received", 0) for s in mine.values()),
+        "lost": sum(max(n - _in_range(mine[d], n), 0) for d, n in last_seq.items()),
+        "duplicates": sum(s.get("duplicate_seqs_stored", 0) for s in mine.values()),
+        "duplicates_dropped": sum(s.get("duplicates_dropped", 0) for s in mine.values()),
+        "gaps": sum(s.get("gaps", 0) for s in mine.values()),
+        "waited_s": round(waited, 2),
+    }
+
+
+def _in_range(stats: dict[str, Any], last_seq: int) -> int:
+    """Distinct sequence numbers stored (all in 1..last_seq: a fresh outbox numbers from 1)."""
+    return stats.get("received", 0) - stats.get("duplicate_seqs_stored", 0)
+
+
+class PrivateBackend:
+    """A Mosquitto on a free loopback port and a collector writing ``db`` (no ``--broker``)."""
+
+    def __init__(self, workdir: Path, db: str | Path) -> None:
+        from devices.telemetry.collector import Collector
+        from devices.telemetry.mosquitto import Mosquitto, basic_config, free_port
+        from devices.telemetry.transport import parse_broker_url
+
+        port = free_port()
+        cfg = basic_config(port, workdir / "broker", save_on_every_change=False)
+        self.broker = Mosquitto(workdir / "broker", cfg, port)
+        self.broker.start()
+        self.url = self.broker.url
+        self.collector = Collector(parse_broker_url(self.url), db).start()
+        if not self.collector.wait_subscribed(15):
+            self.close()
+            raise EdgeadaptError("the private collector did not subscribe")
+
+    def close(self) -> None:
+        """Stop the collector, then the broker."""
+        self.collector.stop()
+        self.broker.kill()
