@@ -110,32 +110,29 @@ def cmd_fleet_sim(args: argparse.Namespace) -> int:
     """Run the simulated fleet; with a collector database, count what was lost or duplicated."""
     import sys
     import tempfile
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from pathlib import Path
 
     from devices import fleet_sim
 
+    opts = fleet_sim.FleetOptions(
+        devices=args.devices, bundles=tuple(args.bundle), broker="", rate_hz=args.rate,
+        duration_s=args.duration, pubkey=args.pubkey, fleet=args.fleet, prefix=args.prefix,
+        per_host=args.per_host, batch_period_s=args.batch_period, ray=args.ray,
+    )  # fmt: skip
+    fleet_sim.check_options(opts)
+    broker = fleet_sim.broker_url(args.broker) if args.broker else None
     with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-sim-") as tmp:
-        backend = None
-        db = args.db
-        if args.broker:
-            broker = fleet_sim.broker_url(args.broker)
-        else:
+        backend, db = None, args.db
+        if broker is None:
             db = db or str(Path(tmp) / "collector.sqlite")
             backend = fleet_sim.PrivateBackend(Path(tmp), db)
             broker = backend.url
         try:
-            opts = fleet_sim.FleetOptions(
-                devices=args.devices, bundles=tuple(args.bundle), broker=broker,
-                rate_hz=args.rate, duration_s=args.duration, pubkey=args.pubkey,
-                fleet=args.fleet, prefix=args.prefix, per_host=args.per_host,
-                batch_period_s=args.batch_period, ray=args.ray,
-            )  # fmt: skip
             if not args.json:
                 print(f"fleet-sim: {args.devices} devices at {args.rate} Hz for {args.duration} s "
                       f"via {broker}", file=sys.stderr)  # fmt: skip
-            result = fleet_sim.run_fleet(opts)
-            out = asdict(result)
+            out = asdict(fleet_sim.run_fleet(replace(opts, broker=broker)))
             last_seq = out.pop("last_seq")
             if db:
                 out["collector"] = fleet_sim.collector_check(db, last_seq, args.wait)

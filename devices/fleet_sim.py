@@ -195,7 +195,7 @@ class FleetHost:
 # --- the fleet -----------------------------------------------------------------------------------
 def run_fleet(opts: FleetOptions, workdir: str | Path | None = None) -> FleetResult:
     """Provision, start, run and stop the fleet; returns what every device did."""
-    _check(opts)
+    check_options(opts)
     with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-") as tmp:
         base = Path(workdir) if workdir is not None else Path(tmp)
         templates = flash_templates(opts.bundles, opts.pubkey, opts.profile, base / "templates")
@@ -334,7 +334,8 @@ def _summarize(
     )  # fmt: skip
 
 
-def _check(opts: FleetOptions) -> None:
+def check_options(opts: FleetOptions) -> None:
+    """Refuse options that cannot run, with a one-line reason."""
     if opts.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {opts.devices}")
     if not opts.bundles:
@@ -346,6 +347,8 @@ def _check(opts: FleetOptions) -> None:
     for b in opts.bundles:
         if not Path(b).is_dir():
             raise ConfigError(f"no bundle directory at {b}")
+    if opts.ray:
+        import_ray()  # fail before any work
 
 
 # --- device roots as archives --------------------------------------------------------------------
