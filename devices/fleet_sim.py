@@ -6,7 +6,8 @@ onnxruntime, the simulated plant, safe mode, commands) and the real telemetry cl
 persisted SQLite outbox, publishing to an MQTT broker. Bundles of any family (PEARL, RL², MAML)
 run side by side: device ``k`` runs bundle ``k mod len(bundles)``.
 
-Devices are grouped into *hosts* (``per_host`` devices each, one thread per device control loop):
+Devices are grouped into *hosts* of ``per_host`` devices; one paced loop steps all devices of a
+host (each device keeps its own telemetry client threads), so a core carries hundreds of them:
 
 - with ``ray`` set, every host is a Ray actor (``ray.init(address)``; ``auto`` connects to or
   starts a cluster as ``ray.init()`` does), so a fleet spreads over a cluster's nodes;
@@ -22,6 +23,7 @@ this module (``tests/test_device_side_no_torch.py`` checks both).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing as mp
@@ -29,8 +31,8 @@ import shutil
 import statistics
 import tarfile
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,9 @@ class DeviceResult:
     steps: int = 0
     last_seq: int = 0  #: records it created (seq runs 1..last_seq on a fresh outbox)
     drained: bool = False  #: every record acknowledged by the broker at exit
-    missed_deadlines: int = 0
-    step_us_median: float = 0.0
+    late_steps: int = 0  #: steps started more than one control period late (host overloaded)
+    missed_deadlines: int = 0  #: steps over the profile's step budget
+    step_us_median: float = 0.0  #: the runtime's own step latency (µs)
     error: str | None = None
 
 
@@ -111,7 +114,10 @@ class FleetResult:
     run_s: float
     records: int
     steps: int
+    host_cpu_s: float  #: CPU time of the host processes while they ran (s), all hosts
+    host_cpu_us_per_step: float  #: that per device step: control loop and telemetry client
     step_hz_per_device_median: float
+    late_steps: int
     missed_deadlines: int
     all_drained: bool
     failed: list[str]
@@ -121,7 +127,7 @@ class FleetResult:
 
 # --- one host ------------------------------------------------------------------------------------
 class FleetHost:
-    """``spec.count`` field runners in one process, one control-loop thread each."""
+    """``spec.count`` field runners in one process, stepped by one paced loop."""
 
     def __init__(self, spec: HostSpec, workdir: str | None = None) -> None:
         self.spec = spec
@@ -145,44 +151,74 @@ class FleetHost:
                                    outbox=str(root / "telemetry-outbox.sqlite"),
                                    batch_period_s=s.batch_period_s)  # fmt: skip
             opts = RunnerOptions(device_root=root, episodes=1_000_000_000, seed=s.seed + k,
-                                 rate_hz=s.rate_hz, safe="hold", telemetry=tele,
-                                 drain_s=s.drain_s)  # fmt: skip
+                                 rate_hz=s.rate_hz, realtime=False, safe="hold",
+                                 telemetry=tele, drain_s=s.drain_s)  # fmt: skip
             runner = FieldRunner(opts)
             self.runners.append(runner)
             alg = str(runner.agent.manifest.algorithm)
             self.results.append(DeviceResult(name, which, alg))
         return time.perf_counter() - t0
 
-    def run(self, duration_s: float) -> list[dict[str, Any]]:
-        """Run every device for ``duration_s``, stop them, wait for their outboxes to drain."""
+    def run(self, duration_s: float) -> dict[str, Any]:
+        """Step every device at the control rate for ``duration_s``, then stop and drain them.
+
+        One paced loop steps all devices of the host (no thread per control loop: hundreds of
+        devices per core). Device ``i`` of ``n`` is due at ``start + j/rate + i/(n*rate)`` in
+        tick ``j``, so the fleet's steps spread over the period instead of bursting.
+        """
+        cpu0 = time.process_time()
+        gens: list[Iterator[int] | None] = [r.steps() for r in self.runners]
+        for i in range(len(gens)):  # first step: opens the outbox, connects, boots the loop
+            self._step(gens, i)
         period = 1.0 / self.spec.rate_hz
-        n = len(self.runners)
-        threads = [
-            threading.Thread(target=self._device, args=(i, period * i / max(n, 1)),
-                             name=f"fleet-{self.results[i].device}", daemon=True)
-            for i in range(n)
-        ]  # fmt: skip
-        for t in threads:
-            t.start()
-        time.sleep(duration_s)
+        n = len(gens)
+        start = time.perf_counter()
+        end = start + duration_s
+        tick = 0
+        while time.perf_counter() < end:
+            base = start + tick * period
+            for i in range(n):
+                due = base + period * i / n
+                delay = due - time.perf_counter()
+                if delay > 0.001:  # devices due within 1 ms share one wake-up
+                    time.sleep(delay)
+                elif delay < -period:
+                    self.results[i].late_steps += 1
+                self._step(gens, i)
+            tick += 1
+        self._stop_all(gens)
+        cpu_s = time.process_time() - cpu0  # this process: control loops and telemetry clients
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s}
+
+    def _step(self, gens: list[Iterator[int] | None], i: int) -> None:
+        """One control step of device ``i``; a device that fails is reported and left out."""
+        gen = gens[i]
+        if gen is None:
+            return
+        try:
+            next(gen)
+        except StopIteration:
+            gens[i] = None
+        except Exception as exc:  # one broken device must not stop the host
+            log.exception("simulated device %s failed", self.results[i].device)
+            self.results[i].error = f"{type(exc).__name__}: {exc}"[:300]
+            gens[i] = None
+
+    def _stop_all(self, gens: list[Iterator[int] | None]) -> None:
+        """Stop every device (the runner ends its episode and drains its outbox), collect."""
         for r in self.runners:
             r.stop()
-        for t in threads:
-            t.join(self.spec.drain_s + 30)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        return [asdict(r) for r in self.results]
+        for i, gen in enumerate(gens):
+            if gen is not None:
+                with contextlib.suppress(StopIteration):
+                    while True:  # the stopped run finishes its episode, drains and closes
+                        next(gen)
+            self._collect(i)
 
-    def _device(self, i: int, delay_s: float) -> None:
-        """One device's life: a phase offset (no lockstep fleet), the loop, its figures."""
+    def _collect(self, i: int) -> None:
         runner, res = self.runners[i], self.results[i]
-        time.sleep(delay_s)
-        try:
-            trace = runner.run()
-        except Exception as exc:  # one broken device must not stop the host
-            log.exception("simulated device %s failed", res.device)
-            res.error = f"{type(exc).__name__}: {exc}"[:300]
-            return
-        summary = trace.summary()
+        summary = runner.trace.summary()
         res.steps = summary["steps"]
         res.missed_deadlines = summary["missed_deadlines"]
         res.step_us_median = round(summary["step_us_median"], 1)
@@ -201,8 +237,8 @@ def run_fleet(opts: FleetOptions, workdir: str | Path | None = None) -> FleetRes
         templates = flash_templates(opts.bundles, opts.pubkey, opts.profile, base / "templates")
         specs = host_specs(opts, templates)
         runner = _run_ray if opts.ray else _run_processes
-        setup_s, run_s, devices = runner(opts, specs, base)
-    return _summarize(opts, len(specs), setup_s, run_s, devices)
+        setup_s, run_s, hosts = runner(opts, specs, base)
+    return _summarize(opts, setup_s, run_s, hosts)
 
 
 def flash_templates(
@@ -246,6 +282,7 @@ def import_ray() -> Any:
 def _run_ray(
     opts: FleetOptions, specs: list[HostSpec], base: Path
 ) -> tuple[float, float, list[dict[str, Any]]]:
+    """(setup s, run s, each host's :meth:`FleetHost.run` result)."""
     """Every host a Ray actor: set all up, then start all runs together."""
     ray = import_ray()
     if not ray.is_initialized():
@@ -262,12 +299,13 @@ def _run_ray(
     finally:
         for h in hosts:
             ray.kill(h)
-    return t1 - t0, t2 - t1, [d for r in results for d in r]
+    return t1 - t0, t2 - t1, results
 
 
 def _run_processes(
     opts: FleetOptions, specs: list[HostSpec], base: Path
 ) -> tuple[float, float, list[dict[str, Any]]]:
+    """(setup s, run s, each host's :meth:`FleetHost.run` result)."""
     """Every host a local child process (spawned: no inherited threads or sockets)."""
     ctx = mp.get_context("spawn")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -283,19 +321,19 @@ def _run_processes(
                 raise EdgeadaptError(f"fleet host {msg['host']} failed to start: {msg['error']}")
         t1 = time.perf_counter()
         go.set()
-        devices: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
         for _ in procs:
             msg = done.get(timeout=opts.duration_s + opts.drain_s + 600)
             if "error" in msg:
                 raise EdgeadaptError(f"fleet host {msg['host']} failed: {msg['error']}")
-            devices += msg["devices"]
+            results.append(msg["result"])
         t2 = time.perf_counter()
     finally:
         for p in procs:
             p.join(30)
             if p.is_alive():
                 p.kill()
-    return t1 - t0, t2 - t1, devices
+    return t1 - t0, t2 - t1, results
 
 
 def _host_process(spec: HostSpec, duration_s: float, ready: Any, done: Any, go: Any) -> None:
@@ -309,24 +347,29 @@ def _host_process(spec: HostSpec, duration_s: float, ready: Any, done: Any, go: 
         return
     go.wait()
     try:
-        done.put({"host": spec.index, "devices": host.run(duration_s)})
+        done.put({"host": spec.index, "result": host.run(duration_s)})
     except Exception as exc:
         done.put({"host": spec.index, "error": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def _summarize(
-    opts: FleetOptions, hosts: int, setup_s: float, run_s: float, devices: list[dict[str, Any]]
+    opts: FleetOptions, setup_s: float, run_s: float, hosts: list[dict[str, Any]]
 ) -> FleetResult:
+    devices = [d for h in hosts for d in h["devices"]]
+    steps = sum(d["steps"] for d in devices)
+    cpu_s = sum(h["cpu_s"] for h in hosts)
     rates = [d["steps"] / opts.duration_s for d in devices] or [0.0]
     algs: dict[str, int] = {}
     for d in devices:
         algs[d["algorithm"]] = algs.get(d["algorithm"], 0) + 1
     return FleetResult(
-        devices=len(devices), hosts=hosts, mode="ray" if opts.ray else "processes",
+        devices=len(devices), hosts=len(hosts), mode="ray" if opts.ray else "processes",
         rate_hz=opts.rate_hz, duration_s=opts.duration_s, setup_s=round(setup_s, 2),
         run_s=round(run_s, 2), records=sum(d["last_seq"] for d in devices),
-        steps=sum(d["steps"] for d in devices),
+        steps=steps, host_cpu_s=round(cpu_s, 2),
+        host_cpu_us_per_step=round(1e6 * cpu_s / max(steps, 1), 1),
         step_hz_per_device_median=round(statistics.median(rates), 2),
+        late_steps=sum(d["late_steps"] for d in devices),
         missed_deadlines=sum(d["missed_deadlines"] for d in devices),
         all_drained=all(d["drained"] for d in devices),
         failed=[f"{d['device']}: {d['error']}" for d in devices if d["error"]],
