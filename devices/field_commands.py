@@ -1,4 +1,6 @@
-"""CLI: ``edgeadapt run`` — the field runner on a device root (torch-free)."""
+"""CLI: ``edgeadapt run`` — the field runner on a device root (torch-free) — and
+``edgeadapt fleet-sim``, a simulated fleet of such devices for backend load tests (Ray optional,
+imported only by its handler)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,28 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--trace", help="write the per-step trace to this .npz")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("fleet-sim", help="simulate N field devices against a broker (load test)")
+    p.add_argument("--devices", type=int, required=True, help="number of simulated devices")
+    p.add_argument("--bundle", action="append", required=True,
+                   help="bundle directory (repeat: device k runs bundle k mod count)")  # fmt: skip
+    p.add_argument("--pubkey", help="public key the bundles are signed with")
+    p.add_argument("--rate", type=float, default=10.0, help="control rate per device (Hz)")
+    p.add_argument("--duration", type=float, default=10.0, help="run time (s)")
+    p.add_argument("--broker", help="HOST:PORT or mqtt://HOST:PORT (default: a private Mosquitto "
+                   "and collector)")  # fmt: skip
+    p.add_argument("--db", help="collector database to count lost/duplicated records in "
+                   "(SQLite path or postgresql:// URL; with no --broker: where the private "
+                   "collector writes)")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="hosts are Ray actors (default: local processes)")  # fmt: skip
+    p.add_argument("--per-host", type=int, default=100, help="devices per host actor/process")
+    p.add_argument("--fleet", default="sim", help="fleet id of the devices")
+    p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")
+    p.add_argument("--batch-period", type=float, default=0.2, help="telemetry batch period (s)")
+    p.add_argument("--wait", type=float, default=60.0, help="wait for the collector (s)")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.set_defaults(handler=cmd_fleet_sim)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,6 +104,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:>18}: {value}")
     return 0
+
+
+def cmd_fleet_sim(args: argparse.Namespace) -> int:
+    """Run the simulated fleet; with a collector database, count what was lost or duplicated."""
+    import sys
+    import tempfile
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    from devices import fleet_sim
+
+    opts = fleet_sim.FleetOptions(
+        devices=args.devices, bundles=tuple(args.bundle), broker="", rate_hz=args.rate,
+        duration_s=args.duration, pubkey=args.pubkey, fleet=args.fleet, prefix=args.prefix,
+        per_host=args.per_host, batch_period_s=args.batch_period, ray=args.ray,
+    )  # fmt: skip
+    fleet_sim.check_options(opts)
+    broker = fleet_sim.broker_url(args.broker) if args.broker else None
+    with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-sim-") as tmp:
+        backend, db = None, args.db
+        if broker is None:
+            db = db or str(Path(tmp) / "collector.sqlite")
+            backend = fleet_sim.PrivateBackend(Path(tmp), db)
+            broker = backend.url
+        try:
+            if not args.json:
+                print(f"fleet-sim: {args.devices} devices at {args.rate} Hz for {args.duration} s "
+                      f"via {broker}", file=sys.stderr)  # fmt: skip
+            out = asdict(fleet_sim.run_fleet(replace(opts, broker=broker)))
+            last_seq = out.pop("last_seq")
+            if db:
+                out["collector"] = fleet_sim.collector_check(db, last_seq, args.wait)
+        finally:
+            if backend is not None:
+                backend.close()
+    print(json.dumps(out, indent=None if args.json else 2))
+    ok = not out["failed"] and out["all_drained"]
+    return 0 if ok and out.get("collector", {}).get("lost", 0) == 0 else 1
 
 
 def _vector(text: str | None):

@@ -23,6 +23,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
@@ -159,6 +160,18 @@ class FieldRunner:
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> Trace:
         """Run every task and episode (or until SIGTERM); returns the trace."""
+        for _ in self.steps():
+            pass
+        return self.trace
+
+    def steps(self) -> Iterator[int]:
+        """The run as a generator that yields the global step count after each control step.
+
+        In real-time mode each step is paced to the control period before it yields; with
+        ``realtime=False`` the caller paces (a fleet simulator steps many devices from one
+        loop). Closing the generator early stops the run as :meth:`stop` does (telemetry is
+        drained and closed).
+        """
         self._install_signals()
         self._start_telemetry()
         try:
@@ -171,19 +184,18 @@ class FieldRunner:
                 for _ in range(self.opts.episodes):
                     if self._stop.is_set():
                         self.trace.stopped_early = True
-                        return self.trace
-                    self.trace.returns.append(self._episode(self._task, rng))
+                        return
+                    self.trace.returns.append((yield from self._episode(self._task, rng)))
                     self.trace.episode_task.append(k)
         finally:
             self._stop_telemetry()
-        return self.trace
 
     def stop(self) -> None:
         """Ask the loop to end after the current step (what SIGTERM does)."""
         self._stop.set()
 
     # -- the control loop ---------------------------------------------------------------------
-    def _episode(self, task: np.ndarray, rng: np.random.Generator) -> float:
+    def _episode(self, task: np.ndarray, rng: np.random.Generator) -> Generator[int, None, float]:
         env, spec = self.env, self.env.spec
         obs = env.reset(task[None], rng)[0]
         self.agent.begin_episode()
@@ -206,6 +218,7 @@ class FieldRunner:
             obs = res.obs[0]
             self._step += 1
             next_tick = self._wait(next_tick, period)
+            yield self._step
         self.agent.step(obs, reward, done=True)  # absorb the episode's last transition
         return total
 

@@ -1,5 +1,5 @@
-"""CLI: ``collect``, ``telemetry stats|plot|export``, ``dashboard``, ``command`` and
-``bench telemetry``.
+"""CLI: ``collect``, ``telemetry stats|plot|export``, ``dashboard``, ``command``,
+``bench telemetry`` and ``bench fleet``.
 
 Top-level imports are stdlib only; handlers import paho, sqlite, psycopg, matplotlib, mcap and
 the dashboard's web stack when they run. ``--db`` takes an SQLite path or a ``postgresql://`` URL.
@@ -82,6 +82,28 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--processes", type=int, default=4, help="processes hosting the fleet")
     p.add_argument("--skip-fleet", action="store_true", help="skip the fleet run")
     p.set_defaults(handler=cmd_bench)
+
+    p = bench.add_parser("fleet", help="fleet backend: PostgreSQL collectors, a killed collector, "
+                         "fleet-sim, dashboard paint and latency")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--parts", default="pg,kill,sim,dashboard", help="comma-separated parts")
+    p.add_argument("--bundle", action="append", default=[], help="bundle for fleet-sim (repeat)")
+    p.add_argument("--pubkey", help="public key the bundles are signed with")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="fleet-sim hosts as Ray actors (default: local processes)")  # fmt: skip
+    p.add_argument("--per-host", type=int, default=100, help="fleet-sim devices per host")
+    p.add_argument("--pg-messages", type=int, default=2000, help="100-record messages (pg part)")
+    p.add_argument("--kill-devices", type=int, default=500)
+    p.add_argument("--kill-rate", type=float, default=10.0, help="Hz per device")
+    p.add_argument("--kill-seconds", type=float, default=30.0)
+    p.add_argument("--sim-devices", type=int, default=200)
+    p.add_argument("--sim-rate", type=float, default=20.0, help="Hz per device")
+    p.add_argument("--sim-seconds", type=float, default=30.0)
+    p.add_argument("--dash-devices", type=int, default=100)
+    p.add_argument("--dash-records", type=int, default=1_000_000)
+    p.add_argument("--dash-stores", default="sqlite,postgresql", help="sqlite and/or postgresql")
+    p.add_argument("--latency-seconds", type=float, default=10.0, help="live device run (s)")
+    p.set_defaults(handler=cmd_bench_fleet)
 
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +259,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         processes=args.processes, fleet=not args.skip_fleet,
     )  # fmt: skip
     result = run_bench(opts, progress=not args.json)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_bench_fleet(args: argparse.Namespace) -> int:
+    """Run the fleet backend benchmark against private servers; print JSON."""
+    from devices.telemetry.fleet_bench import FleetBenchOptions, run_fleet_bench
+
+    opts = FleetBenchOptions(
+        parts=tuple(x for x in args.parts.split(",") if x), bundles=tuple(args.bundle),
+        pubkey=args.pubkey, ray=args.ray, per_host=args.per_host, pg_messages=args.pg_messages,
+        kill_devices=args.kill_devices, kill_rate_hz=args.kill_rate,
+        kill_seconds=args.kill_seconds, sim_devices=args.sim_devices, sim_rate_hz=args.sim_rate,
+        sim_seconds=args.sim_seconds, dash_devices=args.dash_devices,
+        dash_records=args.dash_records,
+        dash_stores=tuple(x for x in args.dash_stores.split(",") if x),
+        latency_seconds=args.latency_seconds,
+    )  # fmt: skip
+    result = run_fleet_bench(opts, progress=not args.json)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
