@@ -161,3 +161,14 @@ def test_without_the_ray_extra_train_ray_is_a_one_line_error(tmp_path: Path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "pip install 'edgeadapt[ray]'" in out.stderr
+
+
+def test_seed_lists_parse_and_bad_ones_are_one_line_errors():
+    from runtime.errors import ConfigError
+    from training.sweep import parse_seeds
+
+    assert parse_seeds("0-5") == [0, 1, 2, 3, 4, 5]
+    assert parse_seeds("1-3,9,2") == [1, 2, 3, 9]
+    for bad in ("", "a-b", "-1", "3-x"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
