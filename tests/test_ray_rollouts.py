@@ -91,8 +91,8 @@ def test_a_killed_worker_is_replaced_and_its_shard_recollected(local_ray):
     state = init_state(cfg)
     pool = RayPool(RayConfig(address="local", workers=2))
     try:
-        # shards of ~0.5-2 s each, so that the kill lands while they run
-        jobs = shard_jobs(pool, state.train_tasks[:4], state.rng, episodes=100, mode="online")
+        # shards of ~1-4 s each (more under load), so that the kill lands while they run
+        jobs = shard_jobs(pool, state.train_tasks[:4], state.rng, episodes=200, mode="online")
         weights = collection_weights(state.nets)
         expected = InProcessPool().map(collect_shard, cfg, weights, jobs)
         before = pool.pids()
