@@ -172,3 +172,21 @@ def test_seed_lists_parse_and_bad_ones_are_one_line_errors():
     for bad in ("", "a-b", "-1", "3-x"):
         with pytest.raises(ConfigError, match="--seeds"):
             parse_seeds(bad)
+
+
+@needs_ray
+def test_an_error_inside_a_shard_surfaces_as_itself_not_as_a_retry(local_ray):
+    from runtime.errors import UnknownNameError
+    from training.ray_pool import RayPool
+
+    good = tiny("pearl")
+    bad = tiny("pearl", env={"name": "no-such-family"})
+    state = init_state(good)
+    pool = RayPool(RayConfig(address="local", workers=1))
+    try:
+        jobs = shard_jobs(pool, state.train_tasks[:2], state.rng, mode="prior")
+        with pytest.raises(UnknownNameError, match="no-such-family"):
+            pool.map(collect_shard, bad, pool.put(collection_weights(state.nets)), jobs)
+    finally:
+        pool.close()
+    assert pool.replaced == 0

@@ -164,7 +164,7 @@ class RayPool:
                         slot, type(exc).__name__, job)  # fmt: skip
             return False
         except exc_mod.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
+            raise exc.cause if isinstance(exc.cause, Exception) else exc from None
         return True
 
     def _overdue(self, running: dict) -> list[tuple[int, int]]:
