@@ -91,8 +91,8 @@ def test_a_killed_worker_is_replaced_and_its_shard_recollected(local_ray):
     state = init_state(cfg)
     pool = RayPool(RayConfig(address="local", workers=2))
     try:
-        # shards of ~0.5-2 s each, so that the kill lands while they run
-        jobs = shard_jobs(pool, state.train_tasks[:4], state.rng, episodes=100, mode="online")
+        # shards of ~1-4 s each (more under load), so that the kill lands while they run
+        jobs = shard_jobs(pool, state.train_tasks[:4], state.rng, episodes=200, mode="online")
         weights = collection_weights(state.nets)
         expected = InProcessPool().map(collect_shard, cfg, weights, jobs)
         before = pool.pids()
@@ -161,3 +161,32 @@ def test_without_the_ray_extra_train_ray_is_a_one_line_error(tmp_path: Path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "pip install 'edgeadapt[ray]'" in out.stderr
+
+
+def test_seed_lists_parse_and_bad_ones_are_one_line_errors():
+    from runtime.errors import ConfigError
+    from training.sweep import parse_seeds
+
+    assert parse_seeds("0-5") == [0, 1, 2, 3, 4, 5]
+    assert parse_seeds("1-3,9,2") == [1, 2, 3, 9]
+    for bad in ("", "a-b", "-1", "3-x"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+
+
+@needs_ray
+def test_an_error_inside_a_shard_surfaces_as_itself_not_as_a_retry(local_ray):
+    from runtime.errors import UnknownNameError
+    from training.ray_pool import RayPool
+
+    good = tiny("pearl")
+    bad = tiny("pearl", env={"name": "no-such-family"})
+    state = init_state(good)
+    pool = RayPool(RayConfig(address="local", workers=1))
+    try:
+        jobs = shard_jobs(pool, state.train_tasks[:2], state.rng, mode="prior")
+        with pytest.raises(UnknownNameError, match="no-such-family"):
+            pool.map(collect_shard, bad, pool.put(collection_weights(state.nets)), jobs)
+    finally:
+        pool.close()
+    assert pool.replaced == 0

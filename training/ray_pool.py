@@ -53,6 +53,9 @@ def connect(address: str | None, need_cpus: float = 1.0) -> bool:
         return False
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address in (None, "local"):
+        # Ray nices its workers to 15 by default; on a machine shared with other work that
+        # starves the rollouts behind everything else. Run them at the learner's priority.
+        os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
         ray.init(num_cpus=max(os.cpu_count() or 1, int(-(-need_cpus // 1))), **common)
     else:
         try:
@@ -161,7 +164,7 @@ class RayPool:
                         slot, type(exc).__name__, job)  # fmt: skip
             return False
         except exc_mod.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
+            raise exc.cause if isinstance(exc.cause, Exception) else exc from None
         return True
 
     def _overdue(self, running: dict) -> list[tuple[int, int]]:

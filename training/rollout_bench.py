@@ -9,9 +9,8 @@ setting gets one untimed warm-up call (actor start, imports, environment constru
 are reported.
 
 The projection to more workers is a model, not a measurement (its assumptions are in the
-output): a call on W workers costs ``o + S * tau / W`` for S env-steps per call, where ``tau``
-is the in-process cost per env-step and ``o`` the fixed per-call overhead of Ray measured at one
-worker; each worker has a core of its own and ``o`` does not grow with W.
+output): W workers each fly a shard of this call's size in ``t_shard + o``, the in-process call
+time plus Ray's per-call overhead measured at one worker, each on a core of its own.
 """
 
 from __future__ import annotations
@@ -146,29 +145,30 @@ def _one_call(
 
 
 def _overhead_and_projection(local: dict, one: dict, steps: int) -> dict[str, Any]:
+    """Ray's overhead at one worker and the weak-scaling projection: W workers, each flying a
+    shard the size of this call (W times the tasks per call)."""
     t0, t1 = local["call_s_median"], one["call_s_median"]
-    tau, overhead = t0 / steps, max(t1 - t0, 0.0)
+    overhead = max(t1 - t0, 0.0)
 
-    def strong(w: int) -> float:  # the same call split over w workers
-        return steps / (overhead + steps * tau / w)
-
-    def weak(w: int) -> float:  # w times the tasks, each worker a shard of today's size
-        return w * steps / (overhead + steps * tau)
+    def weak(w: int) -> float:
+        return w * steps / (overhead + t0)
 
     return {
         "ray_overhead_1_worker_s": round(t1 - t0, 4),
         "ray_overhead_1_worker_pct": round(100 * (t1 - t0) / t0, 1),
         "projection": {
-            "model": "call time = o + S * tau / W (S env-steps per call, W workers)",
+            "model": "W workers, each a shard of this call's size: W * S / (t_shard + o)",
             "assumptions": [
-                "one free core per worker (and one for the learner)",
-                "tau = in-process seconds per env-step, measured here",
-                "o = Ray's fixed per-call overhead, measured at 1 worker, constant in W",
-                "the learner's update time is not included (collection only)",
+                "one free core per worker, the learner on its own core",
+                "t_shard = the in-process call measured here (S env-steps)",
+                "o = Ray's per-call overhead at 1 worker, measured here, not growing with W",
+                "collection only: the learner's updates and its writes of W shards of episodes "
+                "into its buffer are not included",
+                "not strong scaling: splitting one call's tasks finer does not divide its time, "
+                "the per-step policy forward is a fixed cost per shard",
             ],
-            "tau_us": round(1e6 * tau, 2),
+            "t_shard_s": t0,
             "o_s": round(overhead, 4),
-            "same_call_env_steps_per_s": {w: round(strong(w), 1) for w in PROJECT_TO},
-            "w_times_the_tasks_env_steps_per_s": {w: round(weak(w), 1) for w in PROJECT_TO},
+            "env_steps_per_s": {w: round(weak(w), 1) for w in PROJECT_TO},
         },
     }

@@ -78,10 +78,14 @@ def plan_run(
 ) -> RunPlan:
     """The oracle (if the config names one) and the family run of ``config`` under ``out``
     (made absolute: Ray workers need not share the driver's working directory)."""
+    from runtime.plugins import import_plugins
+    from runtime.tasks import make_family
     from training.config import load_train_config
 
     out = out.resolve()
     main = load_train_config(config, overrides)
+    import_plugins(main.env.plugins)
+    make_family(main.env.name)  # an unknown family fails here, before any run starts
     oracle = oracle_config_of(config, main, oracle_config)
     roles: list[tuple[str, Any, Path]] = []
     if oracle is not None and main.algo != "oracle":
@@ -214,7 +218,10 @@ def _gather(ray: Any, refs: dict, board: Any, show: Callable | None) -> dict[int
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
         for ref in ready:
-            result, archive = ray.get(ref)
+            try:
+                result, archive = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the seed's own error, as itself
+                raise exc.cause if isinstance(exc.cause, Exception) else exc from None
             plan = refs[ref]
             if archive is not None:  # ran on another node: unpack its run directories here
                 unpack(archive, plan.evaluate.parent)
