@@ -58,9 +58,9 @@ from training.rollouts import (
     RolloutPool,
     ShardJob,
     WorkerCache,
+    collect_shards,
     open_pool,
     shard_generators,
-    shard_jobs,
 )
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,8 @@ def collect(
     """E sampled episodes per task with per-task weights (in shards, through ``pool``)."""
     pool = pool or InProcessPool()
     e = state.cfg.maml.episodes_per_step
-    jobs = shard_jobs(pool, tasks_MK, state.rng, e)
-    parts = pool.map(episodes_shard, state.cfg, pool.put(w_MW.detach()), jobs)
+    weights = pool.put(w_MW.detach())
+    _, parts = collect_shards(pool, episodes_shard, state.cfg, weights, tasks_MK, state.rng, e)
     obs, act, rew = (np.concatenate(x) for x in zip(*parts, strict=True))
     m, h = len(tasks_MK), state.spec.horizon
     state.env_steps += m * e * h

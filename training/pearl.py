@@ -44,7 +44,7 @@ from training.config import PearlConfig as TrainConfig
 from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
 from training.policy import OraclePolicy, PearlPolicy
 from training.progress import Progress
-from training.rollouts import InProcessPool, RolloutPool, open_pool, shard_jobs
+from training.rollouts import InProcessPool, RolloutPool, collect_shards, open_pool
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,10 @@ def collect(
 ) -> np.ndarray:
     """``episodes`` episodes on train tasks ``ids`` (in shards), written into the buffer;
     returns the per-episode mean return over the tasks."""
-    jobs = shard_jobs(pool, state.train_tasks[ids], state.rng, episodes, mode)
-    parts = pool.map(collect_shard, state.cfg, weights, jobs)
+    tasks = state.train_tasks[ids]
+    jobs, parts = collect_shards(
+        pool, collect_shard, state.cfg, weights, tasks, state.rng, episodes, mode, state.gen
+    )
     for job, part in zip(jobs, parts, strict=True):
         add_steps(state.buffer, ids[job.rows], part.steps)
         state.env_steps += part.steps.obs.shape[0] * len(job.rows)

@@ -58,10 +58,10 @@ from training.rollouts import (
     RolloutPool,
     ShardJob,
     WorkerCache,
+    collect_shards,
     load_weights,
     open_pool,
     shard_generators,
-    shard_jobs,
 )
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,10 @@ def collect_trials(
     pool = pool or InProcessPool()
     cfg = state.cfg
     weights = pool.put(state.agent.state_dict())
-    jobs = shard_jobs(pool, tasks, state.rng, cfg.train.episodes_per_trial)
-    parts = pool.map(trial_shard, cfg, weights, jobs)
+    _, parts = collect_shards(
+        pool, trial_shard, cfg, weights, tasks, state.rng, cfg.train.episodes_per_trial,
+        torch_gen=state.gen,
+    )  # fmt: skip
     state.agent.update_surprise_scales(torch.cat([p.errors for p in parts]), cfg.ppo.err_momentum)
     batch = TrialBatch(*(torch.cat(x) for x in zip(*(p.batch for p in parts), strict=True)))
     state.env_steps += batch.obs.shape[0] * batch.obs.shape[1]
