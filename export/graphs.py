@@ -12,13 +12,15 @@ graph serves one agent or a fleet (dynamic batch axis ``batch``).
   ``u`` when the run has ``model.factor_rank`` > 0 (``var`` absent without a diagonal part).
 
 With rank-one directions the belief is a full Gaussian and the step graph carries it as
-(``cov``, ``mean``), absorbing a transition by sequential rank-one Kalman updates (see
-:mod:`runtime.posterior`): only MatMul/Mul/Div/Sub nodes, no matrix inverse, which ONNX lacks.
+(``cov``, ``mean``), absorbing a transition in closed form with one 5x5 inverse (see
+:class:`FullStepGraph`; :mod:`runtime.posterior` reaches the same posterior by sequential
+rank-one Kalman updates).
 - ``act``: (obs, belief) -> deterministic action under the belief mean, normalized and scaled
   (the adaptation contract's act graph: the runtime feeds it the state it keeps).
 
-The arithmetic mirrors :mod:`runtime.posterior` operation by operation so that the fused graph
-and the numpy belief agree to float32 rounding.
+The diagonal step mirrors :mod:`runtime.posterior` operation by operation, and the full step
+computes the same posterior in closed form, so that the fused graph and the numpy belief agree
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.nn import functional as F
 
 from runtime.posterior import belief_io
 from runtime.tasks.base import FamilySpec
-from training.networks import ContextEncoder, TanhGaussianActor
+from training.networks import ContextEncoder, Factor, TanhGaussianActor
 
 BATCH = "batch"
 
@@ -198,9 +200,45 @@ class StepGraph(nn.Module):
 
 class FullStepGraph(StepGraph):
     """Fused step for a full belief: (transition, cov, mean, forget, obs) -> action, belief',
-    surprise. Same contract and modules as :class:`StepGraph`; the arithmetic mirrors
-    :func:`runtime.posterior.update_full_belief` and :func:`runtime.posterior.full_surprise`.
+    surprise. Same contract and modules as :class:`StepGraph`.
+
+    The factor is Z + R scalar measurements ``h . mu = h . z + N(0, noise)``, the columns of
+    ``H^T = [I | U]`` with noise ``[var | 1]`` (no ``I`` part without a diagonal), so its
+    precision is ``Pm = H^T N^-1 H``. With the forgotten covariance
+    ``C = lam cov + (1 - lam) prior_var I`` and ``T = I + C Pm``, the posterior in closed form is
+
+        cov' = (C^-1 + Pm)^-1 = T^-1 C,    mean' = mean + cov' Pm d = mu - T^-1 d,  d = mu - mean
+
+    (``cov' Pm = T^-1 (T - I)``): the posterior :func:`runtime.posterior.update_full_belief`
+    reaches by Z + R sequential rank-one Kalman updates, in ~60 graph nodes instead of ~155 (at
+    batch 1 a node costs about as much as a small matrix product). ``T`` is not symmetric and
+    is ill-conditioned on confident beliefs, so the Z x Z algebra runs in float64 (float32 loses
+    up to 1e-3 of the mean there, and a float32 ``U U^T`` blurs the directions' rank-one
+    structure), and ``T^-1`` is onnxruntime's ``com.microsoft.Inverse`` (ONNX has no inverse;
+    :func:`export.onnx_export.register_inverse`). The surprise is each measurement's normalized
+    innovation under the belief before the step, as :func:`runtime.posterior.full_surprise`.
     """
+
+    def __init__(
+        self,
+        encoder: ContextEncoder,
+        actor: TanhGaussianActor,
+        spec: FamilySpec,
+        prior_var: float,
+    ) -> None:
+        super().__init__(encoder, actor, spec, prior_var)
+        z = encoder.latent_dim
+        # The encoder's output columns: mu, the diagonal part (if any), the directions.
+        self.split_sizes = [z] + ([z] if encoder.diag else []) + [z * encoder.rank]
+
+    def factor(self, transition: torch.Tensor) -> Factor:
+        """``encoder.factor`` for a (B, D) batch with fewer graph nodes: one Split and a
+        constant-shape Reshape instead of slices and a shape computation (same numbers)."""
+        enc = self.encoder
+        parts = enc.net(transition).split(self.split_sizes, dim=-1)
+        var = F.softplus(parts[1]) + enc.min_var if enc.diag else None
+        u = enc.u_max * torch.tanh(parts[-1] / enc.u_max)
+        return Factor(parts[0], var, u.reshape(-1, enc.latent_dim, enc.rank))
 
     def forward(
         self,
@@ -210,34 +248,36 @@ class FullStepGraph(StepGraph):
         forget: torch.Tensor,
         obs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        f = self.encoder.factor(transition)
-        eye = torch.eye(self.encoder.latent_dim, dtype=cov.dtype)  # constant-folded at export
-        lam = forget.unsqueeze(-1)
-        c = lam * cov + (1.0 - lam) * (eye / self.prior_prec)
-        m, d = mean, f.mu - mean
-        scores = []  # surprise: normalized innovations under the belief before the step
-        if f.var is not None:  # measurements z_k = mu_k + N(0, var_k): slices, no products
-            scores.append(d * d / ((cov * eye).sum(-1) + f.var))
-            for k in range(self.encoder.latent_dim):
-                ch = c[:, :, k]
-                gain = ch / (ch[:, k : k + 1] + f.var[:, k : k + 1])
-                m = m + gain * (f.mu[:, k : k + 1] - m[:, k : k + 1])
-                c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
-        if f.u is not None:  # measurements u_r . mu = u_r . z + N(0, 1)
-            cu = torch.matmul(cov, f.u)
-            innovation = (d.unsqueeze(-1) * f.u).sum(-2)
-            scores.append(innovation * innovation / ((f.u * cu).sum(-2) + 1.0))
-            for h in f.u.unbind(-1):
-                ch = torch.matmul(c, h.unsqueeze(-1)).squeeze(-1)
-                gain = ch / ((h * ch).sum(-1, keepdim=True) + 1.0)
-                m = m + gain * (h * (f.mu - m)).sum(-1, keepdim=True)
-                c = c - gain.unsqueeze(-1) * ch.unsqueeze(-2)
-        c = 0.5 * (c + c.transpose(-1, -2))
-        surprise = torch.cat(scores, dim=-1).mean(dim=-1)
-        flat = torch.cat([transition, c.flatten(1), m], dim=-1)
+        f = self.factor(transition)
+        h_t, noise = self.measurements(f)
+        d = (f.mu - mean).unsqueeze(-2)  # (B, 1, Z)
+        innovation = torch.matmul(d, h_t)
+        spread = (h_t * torch.matmul(cov, h_t)).sum(-2, keepdim=True) + noise
+        surprise = (innovation * innovation / spread).mean(dim=(-2, -1))
+        eye = torch.eye(self.encoder.latent_dim, dtype=torch.float64)  # constant-folded
+        lam = forget.unsqueeze(-1)  # not lam (cov - P) + P: exact at lam = 1 for tiny variances
+        c = (lam * cov + (1.0 - lam) * (eye.float() / self.prior_prec)).double()
+        h64 = h_t.double()
+        precision = torch.matmul(h64 / noise.double(), h64.transpose(-1, -2))  # H^T N^-1 H
+        inv = torch.linalg.inv(torch.matmul(c, precision) + eye)
+        new_cov = torch.matmul(inv, c)
+        new_cov = (0.5 * (new_cov + new_cov.transpose(-1, -2))).float()
+        step = torch.matmul(d.double(), inv.transpose(-1, -2)).float()  # (T^-1 d)^T
+        new_mean = f.mu - step.squeeze(-2)
+        flat = torch.cat([transition, new_cov.flatten(1), new_mean], dim=-1)
         updated = (flat * 0.0).sum(dim=-1) == 0.0
-        action_norm = self.actor(obs, m)
-        return self.scale(action_norm), action_norm, c, m, surprise, updated
+        action_norm = self.actor(obs, new_mean)
+        return self.scale(action_norm), action_norm, new_cov, new_mean, surprise, updated
+
+    def measurements(self, f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H^T = [I | U]`` (B, Z, Z + R) and the noise ``[var | 1]`` as (B, 1, Z + R), built by
+        padding (two Pad and an Add node; no batch-sized constant)."""
+        r = self.encoder.rank
+        if f.var is None:
+            return f.u, torch.ones_like(f.u[:, :1, :])
+        z = self.encoder.latent_dim
+        h_t = F.pad(f.u, (z, 0)) + F.pad(torch.eye(z), (0, r))
+        return h_t, F.pad(f.var.unsqueeze(-2), (0, r), value=1.0)
 
 
 def step_graph(

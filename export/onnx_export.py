@@ -43,6 +43,7 @@ def export_module(
     """The one exporter call every graph goes through: legacy TorchScript exporter, named
     I/O, constant folding, a dynamic batch axis unless ``dynamic`` is False (traced graphs
     with static shapes), then the ONNX checker."""
+    register_inverse()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(
@@ -57,6 +58,18 @@ def export_module(
             do_constant_folding=True,
         )
     check_graph(path)
+
+
+def register_inverse() -> None:
+    """Export ``torch.linalg.inv`` as onnxruntime's ``com.microsoft.Inverse`` (batched, float
+    and double on the CPU; ONNX itself has no inverse). Idempotent."""
+    from torch.onnx import register_custom_op_symbolic
+
+    register_custom_op_symbolic("aten::linalg_inv", _inverse_symbolic, DEFAULT_OPSET)
+
+
+def _inverse_symbolic(g: Any, a: Any) -> Any:
+    return g.op("com.microsoft::Inverse", a).setType(a.type())
 
 
 def check_graph(path: Path) -> None:

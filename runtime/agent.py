@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Fallback = Literal["zeros", "hold", "policy"]
+_F32 = np.dtype(np.float32)  # native float32 (``dtype is _F32`` is the fast input check)
 STEP_GRAPHS = {"fp32": "step", "int8": "step_int8"}
 ACT_GRAPH = "act"
 
@@ -270,7 +271,7 @@ class Agent:
         event)."""
         arr = self._rows(obs, self._obs_dim, "obs")
         key = self._cache_key
-        self._hit = key is not None and arr.dtype == np.float32 and arr.tobytes() == key
+        self._hit = key is not None and arr.tobytes() == key  # _rows returns float32
         # a hit: the step that absorbed the transition already computed this action
         norm = self._out_norm.copy() if self._hit else self._act_fresh(arr)
         if self._extras:
@@ -405,7 +406,7 @@ class Agent:
         self._count[rows] = 0
         self._outliers[rows] = 0
         self.monitor.reset(rows)
-        self._ood_raised = bool(self.monitor.level.any())
+        self._ood_raised = self.monitor.raised()
         self._cache_key = None  # cached actions were for the old state
 
     def self_test(self, steps: int = 200) -> SelfTestReport:
@@ -454,6 +455,10 @@ class Agent:
         # Views into the transition buffer: (obs, action, reward, next_obs) columns.
         self._v_obs, self._v_act = self._tr[:, :o], self._tr[:, o : o + a]
         self._v_rew, self._v_next = self._tr[:, o + a], self._tr[:, o + a + 1 :]
+        self._tr_row = self._tr[0]  # single-agent bounds check (_in_bounds_1)
+        self._inside = np.zeros((2, self._tr.shape[1]), dtype=bool)
+        self._inside_lo, self._inside_hi = self._inside[0], self._inside[1]
+        self._all_inside = np.ones_like(self._inside).tobytes()
         act_ins = self.act_session.inputs
         self._slots = [
             _StateSlot(
@@ -489,9 +494,11 @@ class Agent:
         self._tr[~finite] = np.nan  # so the event says "nonfinite_input"
 
     def _in_bounds_1(self) -> bool:
-        """Single agent fast path of :meth:`_rows_inside`."""
-        row = self._tr[0]
-        return bool((row >= self._row_lo).all() and (row <= self._row_hi).all())
+        """Single agent fast path of :meth:`_rows_inside`: both comparisons into a preallocated
+        buffer, then one byte comparison (0.6 µs; ``ndarray.all()`` alone costs ~1 µs)."""
+        np.greater_equal(self._tr_row, self._row_lo, out=self._inside_lo)
+        np.less_equal(self._tr_row, self._row_hi, out=self._inside_hi)
+        return self._inside.tobytes() == self._all_inside
 
     def _rows_inside(self) -> np.ndarray:
         """Per transition row: finite, and both observations within the limits (NaN compares
@@ -561,7 +568,7 @@ class Agent:
         events, fired = self.monitor.update(self._out_surprise, updated, self._t)
         for ev in events:
             self._emit(ev)
-        self._ood_raised = bool(self.monitor.level.any())
+        self._ood_raised = self.monitor.raised()
         if self.config.changepoint == "reset" and fired.any():
             self.reset_state(fired)
             for i in np.flatnonzero(fired):
@@ -627,6 +634,10 @@ class Agent:
     def _rows(self, x: np.ndarray, width: int, what: str) -> np.ndarray:
         """Validate shape/dtype of an obs or action: ``(width,)`` for one agent, else (B, width).
         ``what`` is the caller's argument name, used in the error."""
+        if type(x) is np.ndarray and x.dtype is _F32:  # the per-step case: ~0.1 µs, not 0.4
+            shape = x.shape
+            if shape == (self.batch, width) or (self.batch == 1 and shape == (width,)):
+                return x
         arr = x if type(x) is np.ndarray else np.asarray(x)
         shape = arr.shape
         if arr.dtype.kind == "f" and (

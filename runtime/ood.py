@@ -58,6 +58,16 @@ class Level(IntEnum):
 OK, WARN, ALARM = int(Level.OK), int(Level.WARN), int(Level.ALARM)
 
 
+def _frozen(flag: bool) -> np.ndarray:
+    out = np.array([flag])
+    out.flags.writeable = False
+    return out
+
+
+# A single agent's change-point mask, returned without allocating (read-only, shared).
+_FIRED_1 = {False: _frozen(False), True: _frozen(True)}
+
+
 @dataclass
 class OODMonitor:
     """Per-agent threshold-crossing state for a batch of ``batch`` agents."""
@@ -99,15 +109,22 @@ class OODMonitor:
 
     def _update_one(self, score: float, updated: bool, step: int) -> tuple[list[Event], np.ndarray]:
         """The same for a single agent with Python scalars (the per-step path on a device)."""
+        streak = int(self.streak[0])
         if not updated:
-            return [], self.streak >= self.patience
+            return [], _FIRED_1[streak >= self.patience]
         new = ALARM if score > self.alarm else WARN if score > self.warn else OK
         events = []
         if new != self.level[0]:
             events = self._crossings(np.array([new], dtype=np.int8), np.array([score]), step)
             self.level[0] = new
-        self.streak[0] = self.streak[0] + 1 if new == ALARM else 0
-        return events, self.streak >= self.patience
+        streak = streak + 1 if new == ALARM else 0
+        self.streak[0] = streak
+        return events, _FIRED_1[streak >= self.patience]
+
+    def raised(self) -> bool:
+        """Whether any agent is above ``warn`` (a scalar test for a single agent: ~0.1 µs
+        instead of ~0.8 µs for ``level.any()``)."""
+        return bool(self.level[0]) if self.batch == 1 else bool(self.level.any())
 
     def _crossings(self, new: np.ndarray, score_B: np.ndarray, step: int) -> list[Event]:
         events = []

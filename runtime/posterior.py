@@ -19,7 +19,10 @@ the factor is Z + R (or R) scalar measurements, ``mu_ik = e_k . z`` with noise `
 ``u_ir . mu_i = u_ir . z`` with unit noise, absorbed one after another by rank-one updates.
 That is the exact product of Gaussians (in any order), needs no matrix inverse, and stays O(1)
 per transition (O(Z^2 (Z + R)) work). Forgetting inflates the covariance toward the prior's,
-``cov <- lam cov + (1 - lam) prior_var I``, and keeps the mean.
+``cov <- lam cov + (1 - lam) prior_var I``, and keeps the mean. The bundle's step graph reaches
+the same posterior in closed form with one Z x Z inverse (fewer, larger graph nodes; see
+:class:`export.graphs.FullStepGraph`); this sequential form is what training's data collection
+uses and what the graph is tested against.
 
 The official PEARL code leaves the prior out of the product and uses it only in a KL term; we
 multiply it in (as well as keeping the KL) so that the belief before any transition is the prior,
