@@ -52,7 +52,7 @@ from training.maml_networks import (
 )
 from training.maml_policy import MAMLPolicy, evaluate_policy
 from training.plots import read_metrics
-from training.progress import Progress
+from training.progress import Deadline, Progress
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def train(
         MAML_POSTFIX,
     )
     start, steps_at_start = time.perf_counter(), state.env_steps
-    while state.iteration < cfg.train.iterations:
+    deadline = Deadline(cfg.train.max_minutes)
+    while state.iteration < cfg.train.iterations and not deadline.reached:
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
         pre = collect(env, tasks, w_MW, state)
@@ -138,7 +139,8 @@ def train(
         state.iteration += 1
         state.env_steps += 2 * m * e * state.spec.horizon
         row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
-        if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
+        last = state.iteration == cfg.train.iterations or deadline.check()
+        if state.iteration % cfg.train.eval_every == 0 or last:
             row.update(quick_eval(state))
         append_metrics(run_dir, row)
         state.history.append(row)

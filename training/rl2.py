@@ -49,7 +49,7 @@ from training.checkpoint import (
     write_run_config,
 )
 from training.plots import plot_learning_curve
-from training.progress import Progress
+from training.progress import Deadline, Progress
 from training.rl2_config import RL2TrainConfig
 from training.rl2_networks import RL2Agent
 from training.rl2_policy import RL2Policy
@@ -146,14 +146,16 @@ def train(
     )
     start = time.perf_counter()
     steps_at_start = state.env_steps
-    while state.iteration < cfg.train.iterations:
+    deadline = Deadline(cfg.train.max_minutes)
+    while state.iteration < cfg.train.iterations and not deadline.reached:
         batch = collect_trials(state, env, sample_trial_tasks(state))
         advantages, returns = compute_gae(state, batch)
         set_learning_rate(state)
         stats = ppo_update(state, batch, advantages, returns)
         state.iteration += 1
         row = metrics_row(state, batch, stats, time.perf_counter() - start, steps_at_start)
-        if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
+        last = state.iteration == cfg.train.iterations or deadline.check()
+        if state.iteration % cfg.train.eval_every == 0 or last:
             row.update(quick_eval(state))
         append_metrics(run_dir, row)
         state.history.append(row)
