@@ -85,6 +85,14 @@ class RolloutResult:
             return None
         return [float(x) for x in self.success_TE.mean(axis=0)]
 
+    def eval_row(self) -> dict[str, float]:
+        """Training-log metrics: ``eval_return_ep<i>`` per episode (1-based), and
+        ``eval_success_ep<i>`` for families with a success criterion."""
+        row = {f"eval_return_ep{i + 1}": r for i, r in enumerate(self.by_episode)}
+        for i, rate in enumerate(self.success_by_episode or []):
+            row[f"eval_success_ep{i + 1}"] = rate
+        return row
+
 
 def held_out_tasks(family: TaskFamily, split: Split | str, n: int, seed: int) -> np.ndarray:
     """The ``n`` evaluation tasks of ``split``, deterministic in ``seed``."""

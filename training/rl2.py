@@ -396,8 +396,7 @@ def quick_eval(state: TrainState) -> dict[str, float]:
     family = make_family(cfg.env.name, 1)
     tasks = held_out_tasks(family, Split.TEST, cfg.eval.tasks, seed=cfg.seed + 1)
     res = rollout(make_policy(state), cfg.env.name, tasks, episodes=2, seed=cfg.seed + 2)
-    ep = res.by_episode
-    return {"eval_return_ep1": ep[0], "eval_return_ep2": ep[1]}
+    return res.eval_row()
 
 
 def metrics_row(
