@@ -85,6 +85,14 @@ class RolloutResult:
             return None
         return [float(x) for x in self.success_TE.mean(axis=0)]
 
+    def eval_row(self) -> dict[str, float]:
+        """Training-log metrics: ``eval_return_ep<i>`` per episode (1-based), and
+        ``eval_success_ep<i>`` for families with a success criterion."""
+        row = {f"eval_return_ep{i + 1}": r for i, r in enumerate(self.by_episode)}
+        for i, rate in enumerate(self.success_by_episode or []):
+            row[f"eval_success_ep{i + 1}"] = rate
+        return row
+
 
 def held_out_tasks(family: TaskFamily, split: Split | str, n: int, seed: int) -> np.ndarray:
     """The ``n`` evaluation tasks of ``split``, deterministic in ``seed``."""
@@ -149,6 +157,9 @@ class EvalReport:
     #: Fraction of tasks whose episode had a successful step, per episode index (families with
     #: a success criterion, e.g. Meta-World); None otherwise.
     success_by_episode: list[float] | None = None
+    #: The same for the non-adaptive reference, and the random policy's one-episode rate.
+    nonadaptive_success_by_episode: list[float] | None = None
+    random_success: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,9 +175,13 @@ def normalize(returns: list[float], random_return: float, oracle_return: float |
 def random_policy_return(env_name: str, tasks_TK: np.ndarray, seed: int) -> float:
     """Mean one-episode return of uniform random actions on these tasks: the 0 of normalized
     scores."""
+    return float(random_policy_rollout(env_name, tasks_TK, seed).returns_TE.mean())
+
+
+def random_policy_rollout(env_name: str, tasks_TK: np.ndarray, seed: int) -> RolloutResult:
+    """One episode of uniform random actions per task (returns, and successes if defined)."""
     act_dim = make_family(env_name, 1).spec.act_dim
-    rand = rollout(RandomPolicy(act_dim, np.random.default_rng(seed)), env_name, tasks_TK, 1, seed)
-    return float(rand.returns_TE.mean())
+    return rollout(RandomPolicy(act_dim, np.random.default_rng(seed)), env_name, tasks_TK, 1, seed)
 
 
 def meta_test(
@@ -183,7 +198,8 @@ def meta_test(
     """Adaptive vs non-adaptive vs random on the same tasks and seeds, as one report."""
     res = rollout(adaptive, env_name, tasks_TK, episodes, seed)
     res_fixed = rollout(fixed, env_name, tasks_TK, episodes, seed)
-    random_return = random_policy_return(env_name, tasks_TK, seed)
+    rand = random_policy_rollout(env_name, tasks_TK, seed)
+    random_return = float(rand.returns_TE.mean())
     return EvalReport(
         env=env_name,
         split=str(split),
@@ -199,4 +215,6 @@ def meta_test(
         random_return=random_return,
         source=source,
         success_by_episode=res.success_by_episode,
+        nonadaptive_success_by_episode=res_fixed.success_by_episode,
+        random_success=None if rand.success_by_episode is None else rand.success_by_episode[0],
     )

@@ -136,7 +136,7 @@ def test_locomotion_splits_are_the_documented_ranges() -> None:
 def test_ml1_reports_success_rate_per_episode() -> None:
     """A policy that knows the goal reaches it (success 1.0); random actions do not; the shared
     evaluation protocol reports both as success_by_episode."""
-    from runtime.evaluation import held_out_tasks, meta_test
+    from runtime.evaluation import held_out_tasks, meta_test, rollout
     from runtime.tasks import make_family
 
     class GoalKnower:
@@ -160,8 +160,12 @@ def test_ml1_reports_success_rate_per_episode() -> None:
     tasks = held_out_tasks(make_family("ml1-reach", 1), "test", 2, seed=0)
     report = meta_test(GoalKnower(), Still(), "ml1-reach", tasks, 1, 0, "test", None)
     assert report.success_by_episode == [1.0]
+    assert report.nonadaptive_success_by_episode == [0.0]  # standing still reaches no goal
+    assert report.random_success is not None and report.random_success < 1.0
     assert report.return_by_episode[0] > report.nonadaptive_return_by_episode[0] + 500
     assert json.loads(json.dumps(report.to_dict()))["success_by_episode"] == [1.0]
+    row = rollout(GoalKnower(), "ml1-reach", tasks, 1, 0).eval_row()  # what training logs
+    assert row == {"eval_return_ep1": report.return_by_episode[0], "eval_success_ep1": 1.0}
     assert len(make_family("ml1-reach", 1).task_pool("train")) == 50
 
 

@@ -247,7 +247,13 @@ def format_report(r: dict) -> str:
             *([row("success rate (adaptive)", success)] if success is not None else []),
             row("return (non-adaptive)", r["nonadaptive_return_by_episode"]),
             row("normalized (non-adaptive)", r["nonadaptive_normalized_by_episode"]),
-            f"  random return {r['random_return']:.3f}   oracle return {oracle}",
+            *(
+                [row("success rate (non-adapt.)", r.get("nonadaptive_success_by_episode"))]
+                if success is not None
+                else []
+            ),
+            f"  random return {r['random_return']:.3f}   oracle return {oracle}"
+            + (f"   random success {r['random_success']:.2f}" if success is not None else ""),
         ]
     )
 

@@ -52,7 +52,7 @@ from training.maml_networks import (
 )
 from training.maml_policy import MAMLPolicy, evaluate_policy
 from training.plots import read_metrics
-from training.progress import Progress
+from training.progress import Deadline, Progress
 from training.rollouts import (
     InProcessPool,
     RolloutPool,
@@ -149,7 +149,8 @@ def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress:
         MAML_POSTFIX,
     )
     start, steps_at_start = time.perf_counter(), state.env_steps
-    while state.iteration < cfg.train.iterations:
+    deadline = Deadline(cfg.train.max_minutes)
+    while state.iteration < cfg.train.iterations and not deadline.reached:
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
         pre = collect(state, tasks, w_MW, pool)
@@ -158,7 +159,8 @@ def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress:
         stats = outer_update(state, pre, post)
         state.iteration += 1
         row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
-        if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
+        last = state.iteration == cfg.train.iterations or deadline.check()
+        if state.iteration % cfg.train.eval_every == 0 or last:
             row.update(quick_eval(state))
         append_metrics(run_dir, row)
         state.history.append(row)

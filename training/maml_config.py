@@ -85,6 +85,12 @@ class MAMLLoopConfig(_Section):
     eval_every: int = Field(25, ge=1, description="iterations between test-split evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
     num_threads: int = Field(1, ge=1, description="torch intra-op threads")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget (min): stop after the iteration that passes it and "
+        "checkpoint; None = run all iterations",
+    )
 
 
 class MAMLTrainConfig(_Section):

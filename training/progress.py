@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Postfix label -> (metrics key, format) shown when the key is in the iteration's row.
 Postfix = dict[str, tuple[str, str]]
@@ -42,3 +46,24 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Deadline:
+    """A training run's wall-clock budget (``train.max_minutes``; None = no budget).
+
+    Counted from construction (a resumed run gets a fresh budget). Loops stop starting new
+    iterations once :meth:`check` returns True, then checkpoint as after the last iteration.
+    """
+
+    def __init__(self, minutes: float | None) -> None:
+        self.limit_s = None if minutes is None else 60.0 * minutes
+        self.start = time.perf_counter()
+        self.reached = False
+
+    def check(self) -> bool:
+        """True once the budget is spent (and from then on)."""
+        limit = self.limit_s
+        if not self.reached and limit is not None and time.perf_counter() - self.start >= limit:
+            self.reached = True
+            log.info("wall-clock budget of %.1f min reached", limit / 60.0)
+        return self.reached

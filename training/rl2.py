@@ -49,7 +49,7 @@ from training.checkpoint import (
     write_run_config,
 )
 from training.plots import plot_learning_curve
-from training.progress import Progress
+from training.progress import Deadline, Progress
 from training.rl2_config import RL2TrainConfig
 from training.rl2_networks import RL2Agent
 from training.rl2_policy import RL2Policy
@@ -169,14 +169,16 @@ def run_iterations(
     )
     start = time.perf_counter()
     steps_at_start = state.env_steps
-    while state.iteration < cfg.train.iterations:
+    deadline = Deadline(cfg.train.max_minutes)
+    while state.iteration < cfg.train.iterations and not deadline.reached:
         batch = collect_trials(state, sample_trial_tasks(state), pool)
         advantages, returns = compute_gae(state, batch)
         set_learning_rate(state)
         stats = ppo_update(state, batch, advantages, returns)
         state.iteration += 1
         row = metrics_row(state, batch, stats, time.perf_counter() - start, steps_at_start)
-        if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
+        last = state.iteration == cfg.train.iterations or deadline.check()
+        if state.iteration % cfg.train.eval_every == 0 or last:
             row.update(quick_eval(state))
         append_metrics(run_dir, row)
         state.history.append(row)
@@ -443,8 +445,7 @@ def quick_eval(state: TrainState) -> dict[str, float]:
     family = make_family(cfg.env.name, 1)
     tasks = held_out_tasks(family, Split.TEST, cfg.eval.tasks, seed=cfg.seed + 1)
     res = rollout(make_policy(state), cfg.env.name, tasks, episodes=2, seed=cfg.seed + 2)
-    ep = res.by_episode
-    return {"eval_return_ep1": ep[0], "eval_return_ep2": ep[1]}
+    return res.eval_row()
 
 
 def metrics_row(
