@@ -69,9 +69,9 @@ QUICK: dict[str, list[str]] = {
 
 
 #: Overrides of the full demo's training budget per env, so that `make demo` (the oracle and
-#: PEARL side by side on 2 cores) stays within 10 minutes. drone-track: 200 of the configs' 300
-#: iterations (README, "Tracking in strong wind", for what that costs in tracking error); RL²
-#: 100 of 150. drone-wind: the default configs (150 iterations each).
+#: PEARL side by side on 2 cores) aims at 10 minutes. drone-track: 200 of the configs' 300
+#: iterations (measured: 4.6-5.9 cm instead of 1.9-2.7 cm at the Neural-Fly speeds; README "Two
+#: commands"); RL² 100 of 150 (not measured). drone-wind: the default configs (150 each).
 FULL_BUDGET: dict[str, dict[str, list[str]]] = {
     "drone-track": {
         "oracle": ["train.iterations=200"],
