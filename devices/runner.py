@@ -87,6 +87,9 @@ class Trace:
     ood: list[float] = field(default_factory=list)
     latency_us: list[float] = field(default_factory=list)
     mode: list[int] = field(default_factory=list)
+    #: True distance to the reference (m) after each step, for families that track one
+    #: (``env.tracking_error()``, e.g. drone-track); NaN for the others.
+    tracking_error_m: list[float] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)  #: one per episode
     episode_task: list[int] = field(default_factory=list)  #: task index of each episode
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -95,7 +98,8 @@ class Trace:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-step fields as numpy arrays (for plots and ``np.savez``)."""
-        names = ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood")
+        names = ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood",
+                 "tracking_error_m")  # fmt: skip
         out = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in names}
         out["latency_us"] = np.asarray(self.latency_us)
         out["mode"] = np.asarray(self.mode)
@@ -214,7 +218,7 @@ class FieldRunner:
             res = env.step(action[None])
             reward = float(res.reward[0])
             total += reward
-            self._record(obs, action, reward, latency_us)
+            self._record(obs, action, reward, latency_us, self._tracking_error())
             obs = res.obs[0]
             self._step += 1
             next_tick = self._wait(next_tick, period)
@@ -323,11 +327,23 @@ class FieldRunner:
         self._event("task_change", {"step": self._step, "from": old, "to": list(map(float, new))})
 
     # -- telemetry ----------------------------------------------------------------------------
+    def _tracking_error(self) -> float:
+        """The plant's true distance to its reference (m) now, for families that track one;
+        NaN for the others."""
+        error = getattr(self.env, "tracking_error", None)
+        return float(error()[0]) if error is not None else float("nan")
+
     def _record(
-        self, obs: np.ndarray, action: np.ndarray, reward: float, latency_us: float
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        latency_us: float,
+        tracking_error_m: float = float("nan"),
     ) -> None:
         b = self.agent.summary
         t = self.trace
+        t.tracking_error_m.append(tracking_error_m)
         t.task.append(self.env.tasks[0].tolist())
         t.episode.append(len(t.returns))
         t.reward.append(reward)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from bundle_fixtures import SMALL, cached_bundle
+from bundle_fixtures import SMALL, cached_bundle, cached_run
 
 from runtime.cli import main
 from runtime.tasks import tracking
@@ -85,3 +85,39 @@ def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None
     with pytest.raises(SystemExit) as exc:
         bench(capsys, "--param", "forget")
     assert exc.value.code == 2 and "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_an_oracle_run_is_a_row_and_the_reference_of_the_targets(capsys, tmp_path_factory) -> None:
+    """--oracle RUN flies a torch oracle run (told the wind change); the targets use it."""
+    from training.checkpoint import load_run
+    from training.evaluate import policy_for
+
+    oracle = cached_run(tmp_path_factory, (*SMALL, "env.name=drone-track", "algo=oracle"))
+    bundle = cached_bundle(tmp_path_factory, (*SMALL, "env.name=drone-track"))
+    rc, out, _ = bench(capsys, "--json", "--oracle", str(oracle), "--bundle", str(bundle))
+    assert rc == 0
+    report = json.loads(out)
+    ctrl, t = report["controllers"], report["targets"]["pearl"]
+    assert ctrl["oracle"]["kind"] == "oracle" and ctrl["oracle"]["source"] == str(oracle)
+    assert t["oracle"] == "oracle"
+    for name in tracking.NEURAL_FLY:
+        ratio = ctrl["pearl"]["conditions"][name]["mean_cm"]
+        ratio /= ctrl["oracle"]["conditions"][name]["mean_cm"]
+        assert t["vs_oracle"][name] == pytest.approx(ratio, abs=1e-3)
+    assert t["vs_oracle_met"] == all(r <= 1.2 for r in t["vs_oracle"].values())
+    assert set(t["vs_pid"]) == {"8.5", "8.5+2.4sin(t)", "12.1"}
+    # the oracle is told the new wind mid-flight
+    policy = policy_for(load_run(oracle))
+    tasks = tracking.condition_tasks(2, 0)
+    policy.begin_task(tasks[:2])
+    z0 = policy.z.copy()
+    policy.set_tasks(tasks[-2:])
+    assert not np.allclose(policy.z, z0)
+    rc, out, _ = bench(capsys, "--markdown", "--oracle", str(oracle), "--bundle", str(bundle))
+    assert "pearl: <= 0.5x its non-adaptive row" in out and "<= 1.2x the oracle" in out
+
+
+def test_a_run_that_is_not_an_oracle_is_refused(capsys, tmp_path_factory) -> None:
+    run = cached_run(tmp_path_factory, (*SMALL, "env.name=drone-track"))
+    rc, _, err = bench(capsys, "--oracle", str(run))
+    assert rc == 2 and "not an oracle run" in err and "Traceback" not in err

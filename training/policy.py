@@ -118,6 +118,10 @@ class OraclePolicy(PearlPolicy):
         self.tasks = tasks_BK
         self.z = normalize_task(tasks_BK, self.spec)
 
+    def set_tasks(self, tasks_BK: np.ndarray) -> None:
+        """The task changed mid-flight (a wind change): the oracle is told."""
+        self.begin_task(tasks_BK)
+
     def resample(self) -> None:
         return None
 

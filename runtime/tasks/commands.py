@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
     t = bench.add_parser(
         "tracking",
-        help="drone-track figure-8 tracking error (cm) per wind: PID, DOB, privileged, bundles",
+        help="drone-track figure-8 tracking error (cm) per wind: PID, DOB, privileged, oracle "
+        "runs, bundles",
     )
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -56,6 +57,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--bundle", action="append", default=[], metavar="PATH",
         help="a drone-track bundle (repeatable; PEARL, RL², MAML alike): flown adaptive and "
         "with its state held at the initial value",
+    )  # fmt: skip
+    t.add_argument(
+        "--oracle", action="append", default=[], metavar="RUN",
+        help="a drone-track privileged oracle run directory (torch, needs the train extra): "
+        "flown as the row 'oracle', the reference of the targets (repeatable)",
     )  # fmt: skip
     t.add_argument(
         "--param", action="append", default=[], type=_param, metavar="NAME=VALUE",
@@ -124,7 +130,13 @@ def _bench_tracking(args: argparse.Namespace) -> int:
         print(json.dumps(tracking.tune_report(), indent=2))
         return 0
     report = tracking.run_benchmark(
-        args.bundle, args.tasks, args.episodes, args.skip, args.seed, dict(args.param)
+        args.bundle,
+        args.tasks,
+        args.episodes,
+        args.skip,
+        args.seed,
+        dict(args.param),
+        oracles=args.oracle,
     )
     if args.json:
         print(json.dumps(report, indent=2))

@@ -3,10 +3,11 @@
 Protocol (the same tasks, noise and seeds for every controller):
 
 - Controllers: PD (the PID's gains without integral: nothing adapts), PID, DOB (PID's
-  feedback replaced by a disturbance observer), the privileged controller (reads the task), and
-  every ``--bundle`` adaptive and with its state held at the initial value (non-adaptive);
-  ``--param NAME=VALUE`` sets a declared param of the bundles that declare it (PEARL's
-  ``forget``), on the adaptive agent only.
+  feedback replaced by a disturbance observer), the privileged controller (reads the task),
+  every ``--oracle`` run (the learned privileged oracle, a torch run: it reads the task and is
+  told the wind change), and every ``--bundle`` adaptive and with its state held at the initial
+  value (non-adaptive); ``--param NAME=VALUE`` sets a declared param of the bundles that
+  declare it (PEARL's ``forget``), on the adaptive agent only.
 - Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
   storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
   scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
@@ -53,6 +54,10 @@ CONDITIONS = (
 )
 CHANGE_FROM, CHANGE_TO, CHANGE_STEP = CONDITIONS[0], CONDITIONS[3], 100
 WINDOW, FACTOR, FLOOR_CM = 10, 1.2, 0.5
+#: Issue #16's targets: error ratios to the non-adaptive row and the oracle, convergence steps.
+TARGET_NONADAPTIVE, TARGET_ORACLE, TARGET_STEPS = 0.5, 1.2, 20
+NEURAL_FLY = tuple(c.name for c in CONDITIONS[:4])  #: the in-distribution conditions
+STRONG = tuple(c.name for c in CONDITIONS[:4] if c.wind_x >= 8.0)  #: 8 m/s and above
 
 
 @dataclass
@@ -114,7 +119,12 @@ def fly(
 
 
 def evaluate(
-    make_policy, tasks_per_condition: int, episodes: int, skip_s: float, seed: int
+    make_policy,
+    tasks_per_condition: int,
+    episodes: int,
+    skip_s: float,
+    seed: int,
+    traces: bool = False,
 ) -> tuple[dict, dict]:
     """(per-condition figures, wind-change figures) of the policy ``make_policy()`` builds."""
     n = tasks_per_condition
@@ -130,11 +140,15 @@ def evaluate(
             "p95_cm": float(np.percentile(last, 95)),
             "mean_cm_by_episode": [float(x) for x in e[:, skip:].mean(axis=(1, 2))],
         }
-    return conditions, wind_change(make_policy, n, episodes, seed)
+    return conditions, wind_change(make_policy, n, episodes, seed, traces)
 
 
-def wind_change(make_policy, n: int, episodes: int, seed: int) -> dict[str, float | int]:
-    """Convergence after the wind jumps from CHANGE_FROM to CHANGE_TO (module docstring)."""
+def wind_change(
+    make_policy, n: int, episodes: int, seed: int, traces: bool = False
+) -> dict[str, float | int | list[float]]:
+    """Convergence after the wind jumps from CHANGE_FROM to CHANGE_TO (module docstring);
+    ``traces``: also the task-mean error (cm) at every step of the last episode, switched and
+    steady (``error_cm_by_step``, ``steady_error_cm_by_step``)."""
     all_tasks = condition_tasks(n, seed)
     i_from, i_to = CONDITIONS.index(CHANGE_FROM), CONDITIONS.index(CHANGE_TO)
     before, after = all_tasks[i_from * n : (i_from + 1) * n], all_tasks[i_to * n : (i_to + 1) * n]
@@ -142,7 +156,7 @@ def wind_change(make_policy, n: int, episodes: int, seed: int) -> dict[str, floa
     steady = fly(make_policy(), after, episodes, seed)[-1]
     steps = convergence_steps(switched[CHANGE_STEP:], steady[CHANGE_STEP:])
     limit = switched.shape[0] - CHANGE_STEP - WINDOW + 1
-    return {
+    out: dict[str, float | int | list[float]] = {
         "converge_steps_mean": float(steps.mean()),
         "converge_steps_p95": float(np.percentile(steps, 95)),
         "converge_steps_max": int(steps.max()),
@@ -150,6 +164,10 @@ def wind_change(make_policy, n: int, episodes: int, seed: int) -> dict[str, floa
         "error_after_change_cm": float(switched[CHANGE_STEP:].mean()),
         "steady_error_cm": float(steady[CHANGE_STEP:].mean()),
     }
+    if traces:
+        out["error_cm_by_step"] = [round(float(x), 3) for x in switched.mean(axis=1)]
+        out["steady_error_cm_by_step"] = [round(float(x), 3) for x in steady.mean(axis=1)]
+    return out
 
 
 def convergence_steps(switched_TN: np.ndarray, steady_TN: np.ndarray) -> np.ndarray:
@@ -170,20 +188,27 @@ def run_benchmark(
     skip_s: float = 2.0,
     seed: int = 0,
     params: dict[str, float] | None = None,
+    oracles: Iterable[str] = (),
+    traces: bool = False,
 ) -> dict:
     """Every controller through :func:`evaluate`; the JSON of ``bench tracking``.
 
     ``params`` (name -> value) set the declared params of the bundles that declare them
-    (PEARL: ``forget``); other bundles fly with their defaults.
+    (PEARL: ``forget``); other bundles fly with their defaults. ``oracles``: privileged oracle
+    run directories (torch; needs the train extra). ``traces``: add the per-step wind-change
+    error curves (:func:`wind_change`).
     """
     controllers: dict[str, ControllerResult] = {}
     builders = dict(_classical())
+    for path in oracles:
+        builders.update(_oracle_builder(path, builders))
     for path in bundles:
         builders.update(_bundle_builders(path, builders, params or {}))
     for label, (kind, adaptive, source, make, *used) in builders.items():
         res = ControllerResult(kind, adaptive, source, used[0] if used else {})
-        res.conditions, res.wind_change = evaluate(make, tasks_per_condition, episodes, skip_s,
-                                                   seed)  # fmt: skip
+        res.conditions, res.wind_change = evaluate(
+            make, tasks_per_condition, episodes, skip_s, seed, traces
+        )
         controllers[label] = res
     tasks = condition_tasks(tasks_per_condition, seed)
     n = tasks_per_condition
@@ -212,6 +237,7 @@ def run_benchmark(
             "floor_cm": FLOOR_CM,
         },
         "controllers": {k: asdict(v) for k, v in controllers.items()},
+        "targets": targets({k: asdict(v) for k, v in controllers.items()}),
     }
 
 
@@ -231,7 +257,28 @@ def markdown(report: dict) -> str:
             f"{wc['error_after_change_cm']:.1f} cm"
         )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(report.get("targets", {})))
+
+
+def target_lines(targets_by_label: dict[str, dict]) -> list[str]:
+    """One line per learned controller: each target of :func:`targets`, met or not, with the
+    error ratios per condition."""
+    names = {"nonadaptive": "its non-adaptive row", "pid": "the PID", "oracle": "the {oracle}"}
+    lines = []
+    for label, t in targets_by_label.items():
+        parts = []
+        for key, ref in names.items():
+            if f"vs_{key}" not in t:
+                continue
+            ratios = ", ".join(f"{r:.2f}" for r in t[f"vs_{key}"].values())
+            verdict = "met" if t[f"vs_{key}_met"] else "NOT met"
+            ref = ref.format(oracle=t["oracle"])
+            parts.append(f"<= {t[f'vs_{key}_limit']:g}x {ref}: {verdict} ({ratios})")
+        mean = "met" if t["wind_change_met_mean"] else "NOT met"
+        every = "met" if t["wind_change_met_every_task"] else "NOT met"
+        parts.append(f"wind change <= {TARGET_STEPS} steps: {mean} on average, {every} every task")
+        lines.append(f"\n{label}: " + "; ".join(parts))
+    return lines
 
 
 def tune_report(tasks: int = 64, seed: int = 0) -> dict:
@@ -257,6 +304,62 @@ def _classical() -> list[tuple[str, tuple]]:
         ("DOB", ("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
         ("privileged", ("privileged", True, "reads the task", control.PrivilegedController)),
     ]
+
+
+def targets(controllers: dict[str, dict]) -> dict[str, dict]:
+    """Issue #16's targets for every adaptive bundle (error ratios per condition, cm / cm):
+    <= TARGET_NONADAPTIVE x its own non-adaptive row, <= the PID at 8 m/s and above, <=
+    TARGET_ORACLE x the oracle (the learned ``oracle`` row when flown, else ``privileged``) at
+    the four Neural-Fly conditions (not the ood storm); the wind change converged in <=
+    TARGET_STEPS steps (on average, and for every task)."""
+    oracle = next((k for k, v in controllers.items() if v["kind"] == "oracle"), "privileged")
+    out = {}
+    for label, res in controllers.items():
+        if res["kind"] != "bundle" or not res["adaptive"]:
+            continue
+        fixed = next(
+            (k for k, v in controllers.items()
+             if v["kind"] == "bundle" and not v["adaptive"] and v["source"] == res["source"]),
+            None,
+        )  # fmt: skip
+        refs = {
+            "nonadaptive": (fixed, TARGET_NONADAPTIVE, NEURAL_FLY),
+            "pid": ("PID", 1.0, STRONG),
+            "oracle": (oracle, TARGET_ORACLE, NEURAL_FLY),
+        }
+        row: dict = {"oracle": oracle}
+        for key, (ref, limit, names) in refs.items():
+            if ref not in controllers:
+                continue
+            ratios = {
+                n: res["conditions"][n]["mean_cm"] / controllers[ref]["conditions"][n]["mean_cm"]
+                for n in names
+            }
+            row[f"vs_{key}"] = {n: round(r, 3) for n, r in ratios.items()}
+            row[f"vs_{key}_limit"] = limit
+            row[f"vs_{key}_met"] = all(r <= limit for r in ratios.values())
+        wc = res["wind_change"]
+        row["wind_change_met_mean"] = wc["converge_steps_mean"] <= TARGET_STEPS
+        row["wind_change_met_every_task"] = wc["converge_steps_max"] <= TARGET_STEPS
+        out[label] = row
+    return out
+
+
+def _oracle_builder(path: str, taken: dict) -> dict[str, tuple]:
+    """A learned privileged oracle run (torch, cloud side): it reads the true task and is told
+    the wind change (``set_tasks``)."""
+    from runtime.errors import EdgeadaptError
+    from training.checkpoint import load_run
+    from training.evaluate import policy_for
+    from training.registry import entry_of
+
+    run = load_run(path)
+    if not entry_of(run.config).privileged:
+        raise EdgeadaptError(f"{path}: not an oracle run (algo is {run.config.algo!r})")
+    if run.config.env.name != "drone-track":
+        raise EdgeadaptError(f"{path}: run is for env {run.config.env.name!r}, not 'drone-track'")
+    label = "oracle" if "oracle" not in taken else f"oracle [{path}]"
+    return {label: ("oracle", True, str(path), lambda: policy_for(run))}
 
 
 def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, tuple]:
