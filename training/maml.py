@@ -78,14 +78,27 @@ class MAMLState:
     optimizer: torch.optim.Optimizer
     rng: np.random.Generator
     train_tasks: np.ndarray | None  # fixed train tasks, or None: fresh ones each iteration
-    log_inner_lr: torch.Tensor  # () log of the inner step size (learned with maml.learn_inner_lr)
+    log_inner_lr: torch.Tensor  # () or (W,) (Meta-SGD) log of the inner step size(s)
     iteration: int = 0
     env_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def per_weight(self) -> bool:
+        """Whether the run learns one inner step size per weight (Meta-SGD)."""
+        return self.log_inner_lr.ndim == 1
+
+    @property
     def inner_lr(self) -> float:
-        return float(self.log_inner_lr.detach().exp())
+        """The scalar step size the device's ``inner_lr`` param holds: the learned one, or
+        with Meta-SGD 1 (a multiplier of the per-weight step sizes in ``settings.lr_scale``)."""
+        return 1.0 if self.per_weight else float(self.log_inner_lr.detach().exp())
+
+    def inner_lr_rows(self, rows: int) -> torch.Tensor:
+        """Step sizes for ``rows`` weight rows, ``(rows, 1)`` or ``(rows, W)``; differentiable
+        with respect to the learned log step size(s)."""
+        lr = self.log_inner_lr.exp().reshape(1, -1)
+        return lr.expand(rows, -1)
 
     @property
     def layout(self) -> PolicyLayout:
@@ -94,8 +107,11 @@ class MAMLState:
     @property
     def settings(self) -> AdaptSettings:
         m = self.cfg.maml
+        scale = None
+        if self.per_weight:
+            scale = self.log_inner_lr.detach().exp().numpy().astype(np.float32)
         return AdaptSettings(
-            self.layout, self.spec.horizon, m.gamma, m.baseline_ridge, m.inner_steps
+            self.layout, self.spec.horizon, m.gamma, m.baseline_ridge, m.inner_steps, scale
         )
 
 
@@ -159,8 +175,12 @@ def init_state(cfg: MAMLTrainConfig) -> MAMLState:
     spec = family.spec
     layout = PolicyLayout(spec.obs_dim, spec.act_dim, cfg.model.hidden)
     theta = init_weights(layout, cfg.model.init_std, cfg.seed).requires_grad_(True)
-    log_lr = torch.tensor(float(np.log(cfg.maml.inner_lr)), requires_grad=cfg.maml.learn_inner_lr)
-    params = [theta, log_lr] if cfg.maml.learn_inner_lr else [theta]
+    log_lr = torch.tensor(float(np.log(cfg.maml.inner_lr)))
+    if cfg.maml.per_weight_inner_lr:
+        log_lr = log_lr.expand(layout.num_weights).clone()
+    learn_lr = cfg.maml.learn_inner_lr or cfg.maml.per_weight_inner_lr
+    log_lr.requires_grad_(learn_lr)
+    params = [theta, log_lr] if learn_lr else [theta]
     optimizer = torch.optim.Adam(params, lr=cfg.maml.outer_lr)
     train_tasks = None
     if cfg.env.num_train_tasks:
@@ -215,7 +235,8 @@ def adapt_weights(state: MAMLState, w_MW: torch.Tensor, pre: Episodes) -> torch.
     """The inner step for collecting post-update episodes (no meta-gradient needed)."""
     with torch.no_grad():
         adv = batch_advantages(pre.batch, state.settings)
-    lr = torch.full((len(w_MW), 1), state.inner_lr)
+    with torch.no_grad():
+        lr = state.inner_lr_rows(len(w_MW))
     return inner_update(w_MW, pre.batch, adv, lr, state.settings).detach()
 
 
@@ -231,7 +252,7 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
     stats: dict[str, float] = {}
     for epoch in range(cfg.outer_epochs):
         w = state.theta.expand(m, -1)
-        lr = state.log_inner_lr.exp().reshape(1, 1).expand(m, 1)
+        lr = state.inner_lr_rows(m)
         adapted = inner_update(w, pre.batch, adv_pre, lr, settings, old_logp_BN=pre.logp_MN)
         logp = log_prob(post.batch.obs_BNO, post.batch.action_BNA, adapted, state.layout)
         ratio = torch.exp(logp - post.logp_MN)
@@ -252,7 +273,7 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
         )
     std = torch.exp(policy_log_std(state.theta.detach()[None], state.layout))
     stats["policy_std"] = float(std.mean())
-    stats["inner_lr"] = state.inner_lr
+    stats["inner_lr"] = float(state.log_inner_lr.detach().exp().mean())
     return stats
 
 
