@@ -15,8 +15,8 @@ import torch
 from training.maml_networks import (
     InnerBatch,
     PolicyLayout,
-    constant_like,
     advantages,
+    constant_like,
     log_prob,
     sanitize,
 )
