@@ -148,11 +148,14 @@ def train(
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
         pre = collect(env, tasks, w_MW, state)
-        adapted = adapt_weights(state, w_MW, pre)
-        post = collect(env, tasks, adapted, state)
-        stats = outer_update(state, pre, post)
+        if cfg.maml.pretrain:
+            post, stats = pre, pretrain_update(state, pre)
+        else:
+            adapted = adapt_weights(state, w_MW, pre)
+            post = collect(env, tasks, adapted, state)
+            stats = outer_update(state, pre, post)
         state.iteration += 1
-        state.env_steps += 2 * m * e * state.spec.horizon
+        state.env_steps += (1 if cfg.maml.pretrain else 2) * m * e * state.spec.horizon
         row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
         if state.iteration % cfg.train.eval_every == 0 or state.iteration == cfg.train.iterations:
             row.update(quick_eval(state))
@@ -255,26 +258,52 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
         lr = state.inner_lr_rows(m)
         adapted = inner_update(w, pre.batch, adv_pre, lr, settings, old_logp_BN=pre.logp_MN)
         logp = log_prob(post.batch.obs_BNO, post.batch.action_BNA, adapted, state.layout)
-        ratio = torch.exp(logp - post.logp_MN)
-        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
-        loss = -torch.minimum(ratio * adv_post, clipped * adv_post).mean()
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not state.cfg.model.learn_std:
-            state.theta.grad[-state.spec.act_dim :] = 0.0  # log-std is the last A weights
-        grad_norm = torch.nn.utils.clip_grad_norm_([state.theta], cfg.max_grad_norm)
-        state.optimizer.step()
+        stats.update(_clipped_step(state, logp - post.logp_MN, adv_post))
         if epoch == 0:
-            stats["loss_outer_first"] = float(loss.detach())
-        stats.update(
-            loss_outer=float(loss.detach()),
-            meta_grad_norm=float(grad_norm),
-            ratio_dev=float((ratio.detach() - 1.0).abs().mean()),
-        )
+            stats["loss_outer_first"] = stats["loss_outer"]
+    return stats | _policy_stats(state)
+
+
+def pretrain_update(state: MAMLState, batch: Episodes) -> dict[str, float]:
+    """The pretrained baseline's update: ``outer_epochs`` Adam steps on the clipped surrogate
+    of the episodes under theta itself (plain policy gradient on the task mixture)."""
+    cfg = state.cfg.maml
+    with torch.no_grad():
+        adv = batch_advantages(batch.batch, state.settings)
+    m = batch.batch.obs_BNO.shape[0]
+    stats: dict[str, float] = {}
+    for _ in range(cfg.outer_epochs):
+        w = state.theta.expand(m, -1)
+        logp = log_prob(batch.batch.obs_BNO, batch.batch.action_BNA, w, state.layout)
+        stats.update(_clipped_step(state, logp - batch.logp_MN, adv))
+    return stats | _policy_stats(state)
+
+
+def _clipped_step(state: MAMLState, log_ratio: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    """One Adam step on the PPO-clipped surrogate (the log-std frozen unless learned)."""
+    cfg = state.cfg.maml
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    loss = -torch.minimum(ratio * adv, clipped * adv).mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not state.cfg.model.learn_std:
+        state.theta.grad[-state.spec.act_dim :] = 0.0  # log-std is the last A weights
+    grad_norm = torch.nn.utils.clip_grad_norm_([state.theta], cfg.max_grad_norm)
+    state.optimizer.step()
+    return {
+        "loss_outer": float(loss.detach()),
+        "meta_grad_norm": float(grad_norm),
+        "ratio_dev": float((ratio.detach() - 1.0).abs().mean()),
+    }
+
+
+def _policy_stats(state: MAMLState) -> dict[str, float]:
     std = torch.exp(policy_log_std(state.theta.detach()[None], state.layout))
-    stats["policy_std"] = float(std.mean())
-    stats["inner_lr"] = float(state.log_inner_lr.detach().exp().mean())
-    return stats
+    return {
+        "policy_std": float(std.mean()),
+        "inner_lr": float(state.log_inner_lr.detach().exp().mean()),
+    }
 
 
 # -- evaluation, metrics, checkpoints ----------------------------------------------------------

@@ -79,6 +79,14 @@ class MAMLAlgoConfig(_Section):
     max_grad_norm: float = Field(
         1.0, gt=0, description="the meta-gradient is clipped to this L2 norm"
     )
+    pretrain: bool = Field(
+        False,
+        description=(
+            "train the MAML paper's 'pretrained' baseline instead: the same policy trained by "
+            "plain (clipped) policy gradient on the task mixture, no inner step in training; "
+            "meta-test fine-tunes it with the same inner step as MAML"
+        ),
+    )
     deterministic_adapted: bool = Field(
         True,
         description=(
