@@ -99,12 +99,18 @@ def _curve(
         phases = _phases(state, inner_lr, k, 1, ctx)
         explore, after[str(k)] = phases[0], phases[1]
     rets = {"explore": explore, "before": before, **{f"after_{k}": v for k, v in after.items()}}
+    rets = {k: _finite(v) for k, v in rets.items()}
     return {
         "inner_lr": inner_lr,
         "meta_sgd": state.per_weight,
         "return": rets,
         "normalized": {k: None if v is None else ctx.normalized(v) for k, v in rets.items()},
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a diverged (non-finite) return: valid JSON, and never picked as the best."""
+    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def _phases(
@@ -136,8 +142,12 @@ def _pretrained(
     """The pretrained policy fine-tuned with each step size; ``best`` by the one-step return."""
     by_lr = {str(lr): _curve(state, lr, steps, ctx) for lr in lrs}
     first = f"after_{steps[0]}"
-    best = max(by_lr, key=lambda k: by_lr[k]["return"][first])
+    best = max(by_lr, key=lambda k: _or_worst(by_lr[k]["return"][first]))
     return {"by_lr": by_lr, "best_lr": float(best), "best": by_lr[best]}
+
+
+def _or_worst(value: float | None) -> float:
+    return -np.inf if value is None else value
 
 
 def _oracle_return(
