@@ -238,7 +238,6 @@ def adapt_weights(state: MAMLState, w_MW: torch.Tensor, pre: Episodes) -> torch.
     """The inner step for collecting post-update episodes (no meta-gradient needed)."""
     with torch.no_grad():
         adv = batch_advantages(pre.batch, state.settings)
-    with torch.no_grad():
         lr = state.inner_lr_rows(len(w_MW))
     return inner_update(w_MW, pre.batch, adv, lr, state.settings).detach()
 
