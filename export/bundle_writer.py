@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.calibrate import Recording, ood_thresholds, record_rollouts
+from export.calibrate import Recording, ood_thresholds, record_rollouts, tasks_within
 from export.family import family_export
 from export.onnx_export import DEFAULT_OPSET, export_graph
 from export.reference import concat_inputs, take_rows, torch_step
@@ -53,6 +53,8 @@ TEST_VECTOR_ROWS = 64  # 48 recorded + 16 random
 FP32_TOLERANCE = 1e-4  # self-test on another CPU: allow for different kernels
 INT8_TOLERANCE = 1e-3  # int8 vs its own export-time outputs (different int8 kernels)
 CALIBRATION_SEED = 20_240_611
+#: Bytes of step inputs the calibration rollouts may record (fewer tasks for large states).
+CALIBRATION_BYTES = 256 * 2**20
 TRT_DEFAULTS = {
     "fp16": True,
     "min_batch": 1,
@@ -165,11 +167,18 @@ def _wants_int8(family: Any, options: ExportOptions, profile: Any) -> bool:
     return options.int8
 
 
-def _calibration_recording(draft: Manifest, tmp: Path, run: LoadedRun) -> Recording:
-    """Rollouts of the exported graph in the runtime on train-split tasks, recorded."""
+def _calibration_recording(
+    draft: Manifest, tmp: Path, run: LoadedRun, most_tasks: int = 64
+) -> Recording:
+    """Rollouts of the exported graph in the runtime on train-split tasks, recorded: at most
+    ``most_tasks`` tasks and :data:`CALIBRATION_BYTES` of step inputs (a MAML nav2d run's 21
+    episodes x 100 steps x 18 kB of weights a row would be 2.4 GB for 64 tasks)."""
     agent = Agent(draft, tmp, providers=[CPU], config=AgentConfig(warmup=1))
     cfg = run.config
-    return record_rollouts(agent, cfg.env.name, "train", 64, cfg.eval.episodes, CALIBRATION_SEED)
+    row_bytes = 4 * sum(int(np.prod(x.shape)) for x in agent.session.inputs.values())
+    rows_per_task = cfg.eval.episodes * run.family.spec.horizon
+    tasks = tasks_within(CALIBRATION_BYTES, row_bytes, rows_per_task, most_tasks)
+    return record_rollouts(agent, cfg.env.name, "train", tasks, cfg.eval.episodes, CALIBRATION_SEED)
 
 
 def _vector_inputs(recording: Recording, run: LoadedRun, dims: Any) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ meta-test protocol; every step-graph call's inputs are recorded. Those recording
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from runtime.evaluation import held_out_tasks, rollout
 from runtime.ood import calibrate_thresholds
 from runtime.tasks import make_family
 
+#: Rows per onnxruntime call when a whole recording is run through a graph.
+CHUNK_ROWS = 4096
 WARN_QUANTILE = 0.99
 ALARM_QUANTILE = 0.999
 
@@ -50,7 +53,25 @@ def record_rollouts(
     finally:
         agent.session.set_recorder(None)
     inputs = {k: np.concatenate([c[k] for c in chunks], axis=0) for k in chunks[0]}
-    return Recording(inputs, agent.session.run_feeds(inputs))
+    return Recording(inputs, run_in_chunks(agent.session.run_feeds, inputs))
+
+
+def run_in_chunks(
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    rows: int = CHUNK_ROWS,
+) -> dict[str, np.ndarray]:
+    """``run(feeds)`` over at most ``rows`` rows at a time, outputs concatenated: a graph with
+    a large state (MAML's weights, 18 KB a row) on 100k recorded rows would otherwise need
+    several GB for its intermediate tensors."""
+    n = len(next(iter(feeds.values())))
+    parts = [run({k: v[i : i + rows] for k, v in feeds.items()}) for i in range(0, n, rows)]
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+def tasks_within(budget_bytes: int, row_bytes: int, rows_per_task: int, most: int) -> int:
+    """How many tasks (at most ``most``, at least 1) a recording may hold within a budget."""
+    return int(np.clip(budget_bytes // max(1, row_bytes * rows_per_task), 1, most))
 
 
 def ood_thresholds(recording: Recording) -> dict[str, object]:

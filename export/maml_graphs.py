@@ -24,6 +24,8 @@ fleet runtime calls the B = 1 graph once per agent.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from export.graphs import ActionScale
 from export.onnx_export import DEFAULT_OPSET, export_module
 from runtime.tasks.base import FamilySpec
 from training.maml_inner import AdaptSettings, adapt
-from training.maml_networks import PolicyLayout, policy_log_std, policy_mean
+from training.maml_networks import PolicyLayout
 
 POLICY_INPUTS = ("obs", "weights", "noise")
 POLICY_OUTPUTS = ("action", "action_norm", "action_raw")
@@ -68,10 +70,28 @@ class MAMLPolicyGraph(nn.Module):
     def forward(
         self, obs: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mean = policy_mean(obs.unsqueeze(1), weights, self.layout).squeeze(1)
-        raw = mean + torch.exp(policy_log_std(weights, self.layout)) * noise
+        pieces = torch.split(weights, self.sizes, dim=-1)
+        raw = self.mean(obs, pieces) + torch.exp(pieces[-1]) * noise  # pieces[-1]: log-std
         norm = torch.clamp(raw, -1.0, 1.0)
         return self.scale(norm), norm, raw
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.layout.shapes]
+
+    def mean(self, obs_BO: torch.Tensor, pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """:func:`training.maml_networks.policy_mean` for one observation per row ``(B, A)``
+        from the split weights, written for a small graph: each bias is cut straight to
+        ``(B, 1, out)`` (no Unsqueeze node), the log-std is the Split's last piece as is."""
+        layout = self.layout
+        h = obs_BO.reshape(-1, 1, layout.obs_dim)
+        n_layers = len(layout.widths) - 1
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(layout.widths)):
+            weight = pieces[2 * i].reshape(-1, n_in, n_out)
+            h = torch.matmul(h, weight) + pieces[2 * i + 1].reshape(-1, 1, n_out)
+            if i < n_layers - 1:
+                h = torch.tanh(h)
+        return h.reshape(-1, layout.act_dim)
 
 
 def adapt_function(settings: AdaptSettings):

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 PARITY_TARGET = 1e-5  # a family's export declaration may set its own (PEARL full beliefs: 1e-4)
 RANDOM_ROWS = 10_000
 PARITY_SEED = 99
+#: Bytes of step-graph inputs recorded per split for the parity check: 64 tasks for small
+#: states, fewer for large ones (MAML nav2d: 21 episodes x 100 steps x 18 KB of weights a row).
+RECORDING_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -97,7 +100,7 @@ def parity_check(
     """Torch (the run's checkpoint) vs onnxruntime (the bundle) on random + recorded inputs."""
     import torch
 
-    from export.calibrate import record_rollouts
+    from export.calibrate import record_rollouts, tasks_within
     from export.family import family_export
     from export.reference import concat_inputs
     from runtime.agent import Agent, AgentConfig
@@ -113,8 +116,10 @@ def parity_check(
     rng = np.random.default_rng(PARITY_SEED)
     agent = Agent(manifest, bundle_dir, [CPU], AgentConfig(warmup=1))
     env, eps = run.config.env.name, run.config.eval.episodes
+    row_bytes = 4 * sum(int(np.prod(x.shape)) for x in agent.session.inputs.values())
+    tasks = tasks_within(RECORDING_BYTES, row_bytes, eps * run.family.spec.horizon, 64)
     recorded = [
-        record_rollouts(agent, env, s, 64, eps, PARITY_SEED).inputs for s in ("train", "test")
+        record_rollouts(agent, env, s, tasks, eps, PARITY_SEED).inputs for s in ("train", "test")
     ]
     random = dims.random_step_inputs(run.family.spec, random_rows, rng)
     inputs = concat_inputs(random, *recorded)
@@ -148,15 +153,41 @@ def _graph_parity(
     module: Any,
     step_inputs: dict[str, np.ndarray],
 ) -> tuple[dict[str, float], list[str]]:
-    import torch
+    """Worst error per output and flag mismatches of one graph against its torch module,
+    compared chunk by chunk (a large state, MAML's weights, would otherwise need GB)."""
+    from export.calibrate import CHUNK_ROWS
 
     spec = manifest.graph(graph)
     feeds = {t.name: step_inputs[t.name] for t in spec.inputs}  # paired by name
     session = GraphSession(bundle_dir / spec.file, spec, providers=[CPU])
+    errors: dict[str, float] = {}
+    flags: dict[str, list[int]] = {}
+    n = len(next(iter(feeds.values())))
+    for start in range(0, n, CHUNK_ROWS):
+        chunk = {k: v[start : start + CHUNK_ROWS] for k, v in feeds.items()}
+        _compare_chunk(session, module, spec, chunk, errors, flags)
+    problems = [
+        f"{graph}.{name}: {bad} of {size} flags differ from torch"
+        for name, (bad, size) in flags.items()
+        if bad
+    ]
+    return errors, problems
+
+
+def _compare_chunk(
+    session: GraphSession,
+    module: Any,
+    spec: Any,
+    feeds: dict[str, np.ndarray],
+    errors: dict[str, float],
+    flags: dict[str, list[int]],
+) -> None:
+    """Fold one chunk's errors (worst so far) and flag mismatch counts into the totals."""
+    import torch
+
     got = session.run_feeds(feeds)
-    ref_t = module(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in spec.inputs))
-    ref = {t.name: r.numpy() for t, r in zip(spec.outputs, ref_t, strict=True)}
-    errors, problems = {}, []
+    args = (torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in spec.inputs)
+    ref = {t.name: r.numpy() for t, r in zip(spec.outputs, module(*args), strict=True)}
     keep = np.ones(len(next(iter(feeds.values()))), dtype=bool)
     for arr in feeds.values():  # rows with a non-finite input carry no values
         keep &= np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
@@ -164,12 +195,12 @@ def _graph_parity(
         keep &= ref["updated"]
     for name, want in ref.items():
         if want.dtype == np.bool_:
-            bad = int((got[name] != want).sum())
-            if bad:
-                problems.append(f"{graph}.{name}: {bad} of {want.size} flags differ from torch")
-        else:
-            errors[name] = max_rel_err(got[name][keep], want[keep])
-    return errors, problems
+            total = flags.setdefault(name, [0, 0])
+            total[0] += int((got[name] != want).sum())
+            total[1] += want.size
+        elif keep.any():
+            err = max_rel_err(got[name][keep], want[keep])
+            errors[name] = max(errors.get(name, 0.0), err)
 
 
 def _run_matches(run: Any, manifest: Manifest) -> list[str]:

@@ -274,7 +274,7 @@ class Agent:
         self._hit = key is not None and arr.tobytes() == key  # _rows returns float32
         # a hit: the step that absorbed the transition already computed this action
         norm = self._out_norm.copy() if self._hit else self._act_fresh(arr)
-        if self._extras:
+        if self._extras and self._exploring:  # only the episode buffer reads them
             outs = self.session.outputs if self._hit else self.act_session.outputs
             self._last_out = {k: outs[k].copy() for k in self._extras}
         self._last_norm = norm
@@ -304,8 +304,8 @@ class Agent:
         self._cache_key = None
         if not self.config.adaptive:
             return
-        if self._episodes is not None:
-            self._record_step()
+        if self._episodes is not None and self._episodes.exploring:
+            self._record_step()  # after the task's last adaptation nothing reads the buffer
         if self._noise is not None:  # the step graph's action is for next_obs: none after done
             self._noise.fill(self._noise_in, self._exploring and not np.any(done))
         if self._sanitize:

@@ -1,4 +1,5 @@
-"""CLI subcommands of the runtime: ``bench runtime``, ``bench belief``, ``selftest`` and
+"""CLI subcommands of the runtime: ``bench runtime``, ``bench belief``, ``bench adapt``,
+``selftest`` and
 ``trt-build`` (argparse only at import; numpy/onnxruntime when a handler runs)."""
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--max-context", type=int, default=100_000, help="largest context length")
     p.set_defaults(handler=cmd_bench_belief)
 
+    p = bench.add_parser(
+        "adapt",
+        help="time of a bundle's episodic adaptation (MAML's inner step) in its adapt graph",
+    )
+    p.add_argument("bundle", help="bundle directory (one with an episodic adaptation)")
+    p.add_argument("--runs", type=int, default=300, help="timed adaptations")
+    p.add_argument("--seed", type=int, default=0, help="task and exploration-noise seed")
+    p.add_argument("--pubkey", help="verify the bundle signature with this key")
+    p.set_defaults(handler=cmd_bench_adapt)
+
     p = sub.add_parser("selftest", help="run a bundle's test vectors and time steps on this device")
     add_plugin_arg(p)
     p.add_argument("bundle", help="bundle directory")
@@ -42,6 +53,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--cache-dir", required=True, help="engine cache directory on the device")
     p.add_argument("--graph", default="step", help="graph name in the manifest")
     p.set_defaults(handler=cmd_trt_build)
+
+
+def cmd_bench_adapt(args: argparse.Namespace) -> int:
+    from runtime.adapt_bench import bench_adapt
+
+    print(json.dumps(bench_adapt(args.bundle, args.runs, args.pubkey, args.seed), indent=2))
+    return 0
 
 
 def cmd_bench_runtime(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ class EpisodeBuffer:
                 f"adapt_limits {sorted(unknown)}: the {spec.graph} graph outputs {self.outputs}"
             )
         self.batch = 0
+        #: The feeds of the last adaptation's first agent (``bench adapt`` replays them).
+        self.last_feeds: dict[str, np.ndarray] | None = None
 
     @property
     def exploring(self) -> bool:
@@ -145,6 +147,8 @@ class EpisodeBuffer:
             feeds |= {
                 k: np.full((1, 1), v, np.float32) for k, v in params.items() if k in self.inputs
             }
+            if b == 0:
+                self.last_feeds = {k: v.copy() for k, v in feeds.items()}
             t0 = time.perf_counter_ns()
             out = self.session.run_feeds(feeds)
             elapsed_us = (time.perf_counter_ns() - t0) / 1e3

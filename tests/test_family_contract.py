@@ -282,3 +282,17 @@ def test_an_adaptation_beyond_the_configured_limit_keeps_the_old_weights(tmp_pat
     np.testing.assert_array_equal(agent.state["weights"], np.tile(theta, (len(tasks()), 1)))
     with pytest.raises(BundleError, match="adapt_limits"):
         Agent.load(bundle, config=AgentConfig(adapt_limits={"no_such_stat": 1.0}))
+
+
+def test_bench_adapt_times_the_bundles_own_adapt_graph(tmp_path_factory):
+    """``bench adapt`` replays the adaptation the bundle's agent ran on its own exploration
+    episodes (a full buffer); a family without an episodic adaptation is a clear error."""
+    from runtime.adapt_bench import bench_adapt
+    from runtime.errors import BundleError
+
+    res = bench_adapt(bundle_of("maml", tmp_path_factory), runs=5)
+    horizon = make_family(ENV).spec.horizon
+    assert res["episodes"] == 2 and res["transitions"] == res["capacity"] == 2 * horizon
+    assert 0 < res["adapt_us_median"] <= res["adapt_us_p99"]
+    with pytest.raises(BundleError, match="no episodic adaptation"):
+        bench_adapt(bundle_of("pearl", tmp_path_factory), runs=1)

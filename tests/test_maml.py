@@ -235,3 +235,84 @@ def test_onnx_policy_flies_like_the_torch_reference(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2)
     assert len(device.adapt_log) == 1 and all(device.adapt_log[0]["ok"])
     assert got[:, 4:].mean() > got[:, :4].mean()  # the adapted policy does better
+
+
+def test_meta_sgd_learns_one_step_size_per_weight_and_the_graph_uses_them(tmp_path: Path) -> None:
+    """maml.per_weight_inner_lr: the meta-update moves the step sizes apart, the bundle's
+    scalar inner_lr is then a multiplier (1), and the adapt graph (the step sizes baked in)
+    matches the torch inner step."""
+    maml = {**TINY["maml"], "per_weight_inner_lr": True}
+    cfg = MAMLTrainConfig.model_validate({**TINY, "env": {"name": "point-nav"}, "maml": maml})
+    state = train(cfg, tmp_path / "run", progress=False)
+    lrs = state.log_inner_lr.detach().exp()
+    assert lrs.shape == (state.layout.num_weights,) and float(lrs.std()) > 0.0
+    assert state.inner_lr == 1.0 and state.settings.lr_scale is not None
+    shape = AdaptShape(4, state.spec.horizon)
+    sess = session(export_adapt_graph(state.settings, shape, tmp_path / "adapt.onnx"))
+    inputs = list(example_adapt_inputs(state.layout, shape, batch=1, seed=3))
+    inputs[0], inputs[-1] = state.theta.detach()[None].clone(), torch.ones(1, 1)
+    want = adapt(*inputs, state.settings)
+    got = run_adapt(sess, tuple(inputs))
+    np.testing.assert_allclose(got["weights_out"], want.weights.numpy(), atol=1e-5)
+    plain = adapt(*inputs, state.settings._replace(lr_scale=None))  # one step size: different
+    assert not torch.allclose(plain.weights, want.weights)
+
+
+def test_pretrain_trains_the_policy_without_an_inner_step(tmp_path: Path) -> None:
+    """maml.pretrain: plain policy gradient on the task mixture (theta moves, one batch of
+    episodes per iteration, no post-update episodes)."""
+    cfg = MAMLTrainConfig.model_validate({**TINY, "maml": {**TINY["maml"], "pretrain": True}})
+    state = train(cfg, tmp_path / "run", progress=False)
+    assert not torch.equal(state.theta.detach(), init_state(cfg).theta.detach())
+    assert all(r["train_post"] == r["train_pre"] for r in state.history)
+    assert state.env_steps == 3 * 8 * 4 * state.spec.horizon  # iterations x tasks x episodes x H
+
+
+def test_bench_maml_compares_maml_pretrained_and_random(tmp_path: Path) -> None:
+    """``bench maml``: returns before and after 1..k inner steps for both runs, normalized
+    against random (0) and nav2d's closed-form oracle (1), the pretrained one per step size."""
+    from training.maml_compare import compare
+
+    loop = {"iterations": 1, "eval_every": 1, "checkpoint_every": 1, "num_threads": 1}
+    for name, pre in (("maml", False), ("pre", True)):
+        maml = {**TINY["maml"], "pretrain": pre, "episodes_per_step": 2}
+        cfg = MAMLTrainConfig.model_validate({**TINY, "maml": maml, "train": loop})
+        train(cfg, tmp_path / name, progress=False)
+    res = compare(tmp_path / "maml", tmp_path / "pre", n_tasks=3, steps=(1, 2),
+                  pretrained_lrs=(0.1,))  # fmt: skip
+    assert res["exploration_episodes"] == 2 and res["random"]["normalized"] == 0.0
+    for curve in (res["maml"], res["pretrained"]["best"]):
+        assert set(curve["return"]) == {"explore", "before", "after_1", "after_2"}
+        assert all(np.isfinite(v) for v in curve["normalized"].values())
+    # one inner step on the same episodes != two: the steps really are taken
+    assert res["maml"]["return"]["after_1"] != res["maml"]["return"]["after_2"]
+    assert res["pretrained"]["best_lr"] == 0.1
+
+
+def test_step_graph_surprise_is_the_standardized_reward_and_observation_change() -> None:
+    """The step graph's one-MatMul surprise equals the closed form
+    ``(z_r² + sum z_d²) / (1 + O)`` with ``z_r = (r - mean) / std`` and
+    ``z_d = (next - obs - mean) / std``; a NaN anywhere in the row clears ``updated``."""
+    from export.maml_export import MAMLStepGraph
+
+    spec = make_family("point-nav").spec
+    layout = PolicyLayout(spec.obs_dim, spec.act_dim, (8, 8))
+    stats = {
+        "reward_mean": np.float32(-1.5), "reward_std": np.float32(0.7),
+        "delta_mean": np.array([0.01, -0.02], np.float32),
+        "delta_std": np.array([0.05, 0.08], np.float32),
+    }  # fmt: skip
+    graph = MAMLStepGraph(MAMLPolicyGraph(layout, spec), stats)
+    rng = np.random.default_rng(0)
+    tr = rng.normal(size=(6, 2 * spec.obs_dim + spec.act_dim + 1)).astype(np.float32)
+    tr[5, 2] = np.nan
+    o, a = spec.obs_dim, spec.act_dim
+    z_r = (tr[:, o + a] - stats["reward_mean"]) / stats["reward_std"]
+    z_d = (tr[:, o + a + 1 :] - tr[:, :o] - stats["delta_mean"]) / stats["delta_std"]
+    want = (z_r**2 + (z_d**2).sum(axis=1)) / (1 + o)
+    w = init_weights(layout, 1.0, 0)[None].expand(6, -1)
+    obs, noise = torch.zeros(6, o), torch.zeros(6, a)
+    out = graph(torch.from_numpy(tr), obs, noise, w)
+    np.testing.assert_allclose(out[4][:5].numpy(), want[:5], rtol=1e-5)
+    assert out[5].tolist() == [True] * 5 + [False]
+    torch.testing.assert_close(out[3], w)  # the weights pass through unchanged

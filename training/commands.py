@@ -106,6 +106,23 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(handler=cmd_bench_sweep)
 
     p = bench.add_parser(
+        "maml",
+        help="MAML vs a pretrained policy fine-tuned alike vs random: return after 0..3 steps",
+    )
+    p.add_argument("run", help="MAML run directory")
+    p.add_argument("--pretrained", help="run trained with maml.pretrain=true (same family)")
+    p.add_argument("--split", default="test", choices=["train", "test", "ood"])
+    p.add_argument("--tasks", type=int, default=20, help="number of held-out tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of task selection and noise")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3], help="inner steps")
+    p.add_argument("--oracle", help="oracle run directory (default: the run's eval.oracle_run)")
+    p.add_argument(
+        "--pretrained-lr", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+        help="step sizes the pretrained policy is fine-tuned with (each reported)",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_maml)
+
+    p = bench.add_parser(
         "latent-probe",
         help="split a run's gap to the oracle into actor and inference (best fixed latent)",
     )
@@ -135,6 +152,17 @@ def _protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of task selection and resets")
     p.add_argument("--oracle", help="oracle run directory for normalized scores")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_bench_maml(args: argparse.Namespace) -> int:
+    from training.maml_compare import compare
+
+    res = compare(
+        args.run, args.pretrained, args.split, args.tasks, args.seed, tuple(args.steps),
+        args.oracle, tuple(args.pretrained_lr),
+    )  # fmt: skip
+    print(json.dumps(res, indent=2))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

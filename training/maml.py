@@ -87,14 +87,27 @@ class MAMLState:
     optimizer: torch.optim.Optimizer
     rng: np.random.Generator
     train_tasks: np.ndarray | None  # fixed train tasks, or None: fresh ones each iteration
-    log_inner_lr: torch.Tensor  # () log of the inner step size (learned with maml.learn_inner_lr)
+    log_inner_lr: torch.Tensor  # () or (W,) (Meta-SGD) log of the inner step size(s)
     iteration: int = 0
     env_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def per_weight(self) -> bool:
+        """Whether the run learns one inner step size per weight (Meta-SGD)."""
+        return self.log_inner_lr.ndim == 1
+
+    @property
     def inner_lr(self) -> float:
-        return float(self.log_inner_lr.detach().exp())
+        """The scalar step size the device's ``inner_lr`` param holds: the learned one, or
+        with Meta-SGD 1 (a multiplier of the per-weight step sizes in ``settings.lr_scale``)."""
+        return 1.0 if self.per_weight else float(self.log_inner_lr.detach().exp())
+
+    def inner_lr_rows(self, rows: int) -> torch.Tensor:
+        """Step sizes for ``rows`` weight rows, ``(rows, 1)`` or ``(rows, W)``; differentiable
+        with respect to the learned log step size(s)."""
+        lr = self.log_inner_lr.exp().reshape(1, -1)
+        return lr.expand(rows, -1)
 
     @property
     def layout(self) -> PolicyLayout:
@@ -103,8 +116,11 @@ class MAMLState:
     @property
     def settings(self) -> AdaptSettings:
         m = self.cfg.maml
+        scale = None
+        if self.per_weight:
+            scale = self.log_inner_lr.detach().exp().numpy().astype(np.float32)
         return AdaptSettings(
-            self.layout, self.spec.horizon, m.gamma, m.baseline_ridge, m.inner_steps
+            self.layout, self.spec.horizon, m.gamma, m.baseline_ridge, m.inner_steps, scale
         )
 
 
@@ -154,9 +170,12 @@ def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress:
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
         pre = collect(state, tasks, w_MW, pool)
-        adapted = adapt_weights(state, w_MW, pre)
-        post = collect(state, tasks, adapted, pool)
-        stats = outer_update(state, pre, post)
+        if cfg.maml.pretrain:
+            post, stats = pre, pretrain_update(state, pre)
+        else:
+            adapted = adapt_weights(state, w_MW, pre)
+            post = collect(state, tasks, adapted, pool)
+            stats = outer_update(state, pre, post)
         state.iteration += 1
         row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
         last = state.iteration == cfg.train.iterations or deadline.check()
@@ -179,8 +198,12 @@ def init_state(cfg: MAMLTrainConfig) -> MAMLState:
     spec = family.spec
     layout = PolicyLayout(spec.obs_dim, spec.act_dim, cfg.model.hidden)
     theta = init_weights(layout, cfg.model.init_std, cfg.seed).requires_grad_(True)
-    log_lr = torch.tensor(float(np.log(cfg.maml.inner_lr)), requires_grad=cfg.maml.learn_inner_lr)
-    params = [theta, log_lr] if cfg.maml.learn_inner_lr else [theta]
+    log_lr = torch.tensor(float(np.log(cfg.maml.inner_lr)))
+    if cfg.maml.per_weight_inner_lr:
+        log_lr = log_lr.expand(layout.num_weights).clone()
+    learn_lr = cfg.maml.learn_inner_lr or cfg.maml.per_weight_inner_lr
+    log_lr.requires_grad_(learn_lr)
+    params = [theta, log_lr] if learn_lr else [theta]
     optimizer = torch.optim.Adam(params, lr=cfg.maml.outer_lr)
     train_tasks = None
     if cfg.env.num_train_tasks:
@@ -257,7 +280,7 @@ def adapt_weights(state: MAMLState, w_MW: torch.Tensor, pre: Episodes) -> torch.
     """The inner step for collecting post-update episodes (no meta-gradient needed)."""
     with torch.no_grad():
         adv = batch_advantages(pre.batch, state.settings)
-    lr = torch.full((len(w_MW), 1), state.inner_lr)
+        lr = state.inner_lr_rows(len(w_MW))
     return inner_update(w_MW, pre.batch, adv, lr, state.settings).detach()
 
 
@@ -273,29 +296,55 @@ def outer_update(state: MAMLState, pre: Episodes, post: Episodes) -> dict[str, f
     stats: dict[str, float] = {}
     for epoch in range(cfg.outer_epochs):
         w = state.theta.expand(m, -1)
-        lr = state.log_inner_lr.exp().reshape(1, 1).expand(m, 1)
+        lr = state.inner_lr_rows(m)
         adapted = inner_update(w, pre.batch, adv_pre, lr, settings, old_logp_BN=pre.logp_MN)
         logp = log_prob(post.batch.obs_BNO, post.batch.action_BNA, adapted, state.layout)
-        ratio = torch.exp(logp - post.logp_MN)
-        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
-        loss = -torch.minimum(ratio * adv_post, clipped * adv_post).mean()
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not state.cfg.model.learn_std:
-            state.theta.grad[-state.spec.act_dim :] = 0.0  # log-std is the last A weights
-        grad_norm = torch.nn.utils.clip_grad_norm_([state.theta], cfg.max_grad_norm)
-        state.optimizer.step()
+        stats.update(_clipped_step(state, logp - post.logp_MN, adv_post))
         if epoch == 0:
-            stats["loss_outer_first"] = float(loss.detach())
-        stats.update(
-            loss_outer=float(loss.detach()),
-            meta_grad_norm=float(grad_norm),
-            ratio_dev=float((ratio.detach() - 1.0).abs().mean()),
-        )
+            stats["loss_outer_first"] = stats["loss_outer"]
+    return stats | _policy_stats(state)
+
+
+def pretrain_update(state: MAMLState, batch: Episodes) -> dict[str, float]:
+    """The pretrained baseline's update: ``outer_epochs`` Adam steps on the clipped surrogate
+    of the episodes under theta itself (plain policy gradient on the task mixture)."""
+    cfg = state.cfg.maml
+    with torch.no_grad():
+        adv = batch_advantages(batch.batch, state.settings)
+    m = batch.batch.obs_BNO.shape[0]
+    stats: dict[str, float] = {}
+    for _ in range(cfg.outer_epochs):
+        w = state.theta.expand(m, -1)
+        logp = log_prob(batch.batch.obs_BNO, batch.batch.action_BNA, w, state.layout)
+        stats.update(_clipped_step(state, logp - batch.logp_MN, adv))
+    return stats | _policy_stats(state)
+
+
+def _clipped_step(state: MAMLState, log_ratio: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    """One Adam step on the PPO-clipped surrogate (the log-std frozen unless learned)."""
+    cfg = state.cfg.maml
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    loss = -torch.minimum(ratio * adv, clipped * adv).mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not state.cfg.model.learn_std:
+        state.theta.grad[-state.spec.act_dim :] = 0.0  # log-std is the last A weights
+    grad_norm = torch.nn.utils.clip_grad_norm_([state.theta], cfg.max_grad_norm)
+    state.optimizer.step()
+    return {
+        "loss_outer": float(loss.detach()),
+        "meta_grad_norm": float(grad_norm),
+        "ratio_dev": float((ratio.detach() - 1.0).abs().mean()),
+    }
+
+
+def _policy_stats(state: MAMLState) -> dict[str, float]:
     std = torch.exp(policy_log_std(state.theta.detach()[None], state.layout))
-    stats["policy_std"] = float(std.mean())
-    stats["inner_lr"] = state.inner_lr
-    return stats
+    return {
+        "policy_std": float(std.mean()),
+        "inner_lr": float(state.log_inner_lr.detach().exp().mean()),
+    }
 
 
 # -- evaluation, metrics, checkpoints ----------------------------------------------------------

@@ -48,6 +48,14 @@ class MAMLAlgoConfig(_Section):
         False,
         description="meta-learn the inner step size (log-parameterized, starts at inner_lr)",
     )
+    per_weight_inner_lr: bool = Field(
+        False,
+        description=(
+            "Meta-SGD (Li et al., 2017): meta-learn one inner step size per weight "
+            "(log-parameterized, each starting at inner_lr; implies a learned step size). The "
+            "bundle's adapt graph holds them as a constant; its inner_lr param scales them (1)"
+        ),
+    )
     inner_steps: int = Field(
         1, ge=1, le=5, description="gradient steps per adaptation, on the same episodes"
     )
@@ -57,7 +65,7 @@ class MAMLAlgoConfig(_Section):
         description="episodes flown per task before each adaptation (MAML: 20 trajectories)",
     )
     meta_batch: int = Field(20, ge=1, description="tasks per meta-update (MAML 2D nav: 20)")
-    gamma: float = Field(0.99, gt=0, le=1, description="discount of the returns-to-go")
+    gamma: float = Field(0.99, ge=0, le=1, description="discount of the returns-to-go")
     baseline_ridge: float = Field(
         1e-3, gt=0, description="ridge coefficient of the per-task linear baseline fit"
     )
@@ -70,6 +78,14 @@ class MAMLAlgoConfig(_Section):
     )
     max_grad_norm: float = Field(
         1.0, gt=0, description="the meta-gradient is clipped to this L2 norm"
+    )
+    pretrain: bool = Field(
+        False,
+        description=(
+            "train the MAML paper's 'pretrained' baseline instead: the same policy trained by "
+            "plain (clipped) policy gradient on the task mixture, no inner step in training; "
+            "meta-test fine-tunes it with the same inner step as MAML"
+        ),
     )
     deterministic_adapted: bool = Field(
         True,

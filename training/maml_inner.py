@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from training.maml_networks import InnerBatch, PolicyLayout, advantages, log_prob, sanitize
+from training.maml_networks import (
+    InnerBatch,
+    PolicyLayout,
+    advantages,
+    constant_like,
+    log_prob,
+    sanitize,
+)
 
 
 class AdaptSettings(NamedTuple):
@@ -22,6 +30,7 @@ class AdaptSettings(NamedTuple):
     gamma: float  # discount of the returns-to-go
     ridge: float  # ridge coefficient of the baseline fit (feature units)
     steps: int  # inner gradient steps on the same episodes
+    lr_scale: np.ndarray | None = None  # (W,) Meta-SGD per-weight step sizes, times inner_lr
 
 
 class AdaptOutputs(NamedTuple):
@@ -103,6 +112,9 @@ def adapt(
 ) -> AdaptOutputs:
     """The device's adaptation: baseline fit, ``steps`` inner steps, finiteness check, stats.
 
+    The step size is ``lr_B1`` times ``settings.lr_scale`` (Meta-SGD's per-weight step sizes,
+    a constant of the graph) when the run learned one per weight.
+
     Masked slots are zeroed first, so anything in them (NaN included) has no effect; a NaN in a
     valid slot makes the new weights non-finite and ``ok`` False (the old weights come back).
     """
@@ -110,12 +122,13 @@ def adapt(
     adv = batch_advantages(batch, settings)
     layout = settings.layout
 
+    lr = lr_B1 if settings.lr_scale is None else lr_B1 * constant_like(settings.lr_scale, w_BW)
     w, loss_before, grad_norm = w_BW, None, None
     for _ in range(settings.steps):
         grad, per_row = _grad_and_loss(w, batch, adv, layout)
         if loss_before is None:
             loss_before, grad_norm = per_row, torch.sqrt((grad * grad).sum(dim=1))
-        w = w - lr_B1 * grad
+        w = w - lr * grad
     loss_after = surrogate(w, batch, adv, layout)
     ok = torch.isfinite(w).all(dim=1)
     new = torch.where(ok.unsqueeze(1), w, w_BW)

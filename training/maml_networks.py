@@ -149,7 +149,7 @@ def returns_to_go(reward_BN: torch.Tensor, horizon: int, gamma: float) -> torch.
     """Discounted returns-to-go ``(B, N)`` within each episode slot of ``horizon`` steps."""
     b, n = reward_BN.shape
     per_episode = reward_BN.reshape(b, n // horizon, horizon)
-    disc = _const(discount_matrix(horizon, gamma).numpy(), reward_BN)
+    disc = constant_like(discount_matrix(horizon, gamma).numpy(), reward_BN)
     return torch.matmul(per_episode, disc).reshape(b, n)
 
 
@@ -157,7 +157,7 @@ def baseline_features(obs_BNO: torch.Tensor, horizon: int) -> torch.Tensor:
     """rllab's linear-baseline features ``(B, N, 2 O + 4)``: o, o², t, t², t³, 1."""
     b, n, _ = obs_BNO.shape
     o = obs_BNO.clamp(-OBS_FEATURE_CLIP, OBS_FEATURE_CLIP)
-    t = _const((np.arange(n) % horizon) / horizon, obs_BNO)
+    t = constant_like((np.arange(n) % horizon) / horizon, obs_BNO)
     t = t.reshape(1, n, 1).expand(b, n, 1)
     return torch.cat([o, o * o, t, t * t, t * t * t, torch.ones_like(t)], dim=-1)
 
@@ -173,7 +173,7 @@ def fit_baseline(
     n_valid = mask_BN.sum(dim=1).clamp(min=1.0).reshape(-1, 1, 1)
     fm = feat_BND * mask_BN.unsqueeze(-1)
     gram = torch.matmul(fm.transpose(1, 2), feat_BND) / n_valid
-    eye = _const(np.eye(feat_BND.shape[-1]), feat_BND)
+    eye = constant_like(np.eye(feat_BND.shape[-1]), feat_BND)
     rhs = torch.matmul(fm.transpose(1, 2), target_BN.unsqueeze(-1)).squeeze(-1) / n_valid[:, 0]
     return cholesky_solve(gram + ridge * eye, rhs)
 
@@ -185,8 +185,8 @@ def cholesky_solve(a_BDD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
     the Cholesky factor L is kept as a ``(B, D)`` vector with zeros above row j.
     """
     d = a_BDD.shape[-1]
-    eye = _const(np.eye(d), a_BDD)
-    lower = _const(np.tril(np.ones((d, d))), a_BDD)  # [:, j]: rows >= j
+    eye = constant_like(np.eye(d), a_BDD)
+    lower = constant_like(np.tril(np.ones((d, d))), a_BDD)  # [:, j]: rows >= j
     cols: list[torch.Tensor] = []
     for j in range(d):
         v = a_BDD[:, :, j]
@@ -241,7 +241,7 @@ def sanitize(batch: InnerBatch) -> InnerBatch:
     )
 
 
-def _const(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+def constant_like(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A constant in ``like``'s float dtype (built in numpy: traced as a plain constant)."""
     np_dtype = np.float64 if like.dtype == torch.float64 else np.float32
     return torch.from_numpy(np.asarray(array, dtype=np_dtype))
