@@ -316,14 +316,14 @@ def _run_processes(
         p.start()
     try:
         for _ in procs:
-            msg = ready.get(timeout=600)
+            msg = _receive(ready, procs, 600)
             if "error" in msg:
                 raise EdgeadaptError(f"fleet host {msg['host']} failed to start: {msg['error']}")
         t1 = time.perf_counter()
         go.set()
         results: list[dict[str, Any]] = []
         for _ in procs:
-            msg = done.get(timeout=opts.duration_s + opts.drain_s + 600)
+            msg = _receive(done, procs, opts.duration_s + opts.drain_s + 600)
             if "error" in msg:
                 raise EdgeadaptError(f"fleet host {msg['host']} failed: {msg['error']}")
             results.append(msg["result"])
@@ -334,6 +334,23 @@ def _run_processes(
             if p.is_alive():
                 p.kill()
     return t1 - t0, t2 - t1, results
+
+
+def _receive(queue: Any, procs: list[Any], timeout_s: float) -> dict[str, Any]:
+    """The next host message; a host process that died without one is an error, not a hang."""
+    import queue as queue_module
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise EdgeadaptError(
+                    f"a fleet host process died (exit code {dead[0].exitcode})"
+                ) from None
+    raise EdgeadaptError(f"no answer from the fleet hosts in {timeout_s:.0f} s")
 
 
 def _host_process(spec: HostSpec, duration_s: float, ready: Any, done: Any, go: Any) -> None:
