@@ -64,7 +64,7 @@ class FleetOptions:
     batch_period_s: float = DEFAULT_BATCH_PERIOD_S
     drain_s: float = 60.0
     ray: str | None = None  #: None: local processes; "auto" or a cluster address: Ray actors
-    host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (scheduling only)
+    host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (at most CPUs / hosts)
     seed: int = 0
 
 
@@ -288,7 +288,9 @@ def _run_ray(
     if not ray.is_initialized():
         ray.init(address=None if opts.ray == "auto" else opts.ray, include_dashboard=False,
                  logging_level=logging.WARNING)  # fmt: skip
-    actor = ray.remote(num_cpus=opts.host_cpus, max_restarts=0)(FleetHost)
+    # a reservation every host gets on this cluster (more hosts than CPUs must not wait forever)
+    cpus = min(opts.host_cpus, ray.cluster_resources().get("CPU", 1.0) / len(specs))
+    actor = ray.remote(num_cpus=cpus, max_restarts=0)(FleetHost)
     hosts = [actor.options(scheduling_strategy="SPREAD").remote(s) for s in specs]
     try:
         t0 = time.perf_counter()
