@@ -9,8 +9,8 @@ run side by side: device ``k`` runs bundle ``k mod len(bundles)``.
 Devices are grouped into *hosts* of ``per_host`` devices; one paced loop steps all devices of a
 host (each device keeps its own telemetry client threads), so a core carries hundreds of them:
 
-- with ``ray`` set, every host is a Ray actor (``ray.init(address)``; ``auto`` connects to or
-  starts a cluster as ``ray.init()`` does), so a fleet spreads over a cluster's nodes;
+- with ``ray`` set, every host is a Ray actor (``local``: Ray started on this machine; ``auto``
+  or an address: a running cluster joined), so a fleet spreads over a cluster's nodes;
 - without it, every host is a local child process.
 
 Each bundle is flashed once into a template device root (one real health gate per bundle); the
@@ -27,6 +27,7 @@ import contextlib
 import io
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import tarfile
@@ -63,7 +64,7 @@ class FleetOptions:
     per_host: int = 100
     batch_period_s: float = DEFAULT_BATCH_PERIOD_S
     drain_s: float = 60.0
-    ray: str | None = None  #: None: local processes; "auto" or a cluster address: Ray actors
+    ray: str | None = None  #: None: local processes; "local", "auto" or an address: Ray actors
     host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (at most CPUs / hosts)
     seed: int = 0
 
@@ -286,8 +287,7 @@ def _run_ray(
     """Every host a Ray actor: set all up, then start all runs together."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=None if opts.ray == "auto" else opts.ray, include_dashboard=False,
-                 logging_level=logging.WARNING)  # fmt: skip
+        _connect(ray, opts.ray)
     # a reservation every host gets on this cluster (more hosts than CPUs must not wait forever)
     cpus = min(opts.host_cpus, ray.cluster_resources().get("CPU", 1.0) / len(specs))
     actor = ray.remote(num_cpus=cpus, max_restarts=0)(FleetHost)
@@ -302,6 +302,20 @@ def _run_ray(
         for h in hosts:
             ray.kill(h)
     return t1 - t0, t2 - t1, results
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """``local``: start Ray on this machine (workers at this process's niceness: Ray's default
+    of 15 starves them on a shared machine); ``auto`` or an address: join that cluster."""
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address in (None, "local"):
+        os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
+        ray.init(**common)
+        return
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
 
 
 def _run_processes(
