@@ -123,6 +123,7 @@ class FleetResult:
     all_drained: bool
     failed: list[str]
     algorithms: dict[str, int]
+    nodes: int  #: machines the hosts ran on (Ray nodes; 1 for local processes)
     last_seq: dict[str, int] = field(repr=False)
 
 
@@ -191,6 +192,12 @@ class FleetHost:
         cpu_s = time.process_time() - cpu0  # this process: control loops and telemetry clients
         shutil.rmtree(self.workdir, ignore_errors=True)
         return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s}
+
+    def node(self) -> str:
+        """The Ray node this host runs on (called only when hosts are Ray actors)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     def _step(self, gens: list[Iterator[int] | None], i: int) -> None:
         """One control step of device ``i``; a device that fails is reported and left out."""
@@ -295,9 +302,12 @@ def _run_ray(
     try:
         t0 = time.perf_counter()
         ray.get([h.setup.remote() for h in hosts])
+        nodes = ray.get([h.node.remote() for h in hosts])
         t1 = time.perf_counter()
         results = ray.get([h.run.remote(opts.duration_s) for h in hosts])
         t2 = time.perf_counter()
+        for result, node in zip(results, nodes, strict=True):
+            result["node"] = node
     finally:
         for h in hosts:
             ray.kill(h)
@@ -406,7 +416,8 @@ def _summarize(
         missed_deadlines=sum(d["missed_deadlines"] for d in devices),
         all_drained=all(d["drained"] for d in devices),
         failed=[f"{d['device']}: {d['error']}" for d in devices if d["error"]],
-        algorithms=algs, last_seq={d["device"]: d["last_seq"] for d in devices},
+        algorithms=algs, nodes=len({h.get("node", "local") for h in hosts}),
+        last_seq={d["device"]: d["last_seq"] for d in devices},
     )  # fmt: skip
 
 
