@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ class FleetResult:
     failed: list[str]
     algorithms: dict[str, int]
     nodes: int  #: machines the hosts ran on (Ray nodes; 1 for local processes)
+    unconnected_at_start: int  #: devices not connected to the broker when the clock started
     last_seq: dict[str, int] = field(repr=False)
 
 
@@ -136,6 +137,7 @@ class FleetHost:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"edgeadapt-fleet-{spec.index}-"))
         self.runners: list[Any] = []
         self.results: list[DeviceResult] = []
+        self.unconnected_at_start = 0
 
     def setup(self) -> float:
         """Unpack each device root and boot its runner (bundle verified); returns seconds."""
@@ -172,6 +174,7 @@ class FleetHost:
         gens: list[Iterator[int] | None] = [r.steps() for r in self.runners]
         for i in range(len(gens)):  # first step: opens the outbox, connects, boots the loop
             self._step(gens, i)
+        self.unconnected_at_start = self._wait_connected(60.0)
         period = 1.0 / self.spec.rate_hz
         n = len(gens)
         start = time.perf_counter()
@@ -191,7 +194,19 @@ class FleetHost:
         self._stop_all(gens)
         cpu_s = time.process_time() - cpu0  # this process: control loops and telemetry clients
         shutil.rmtree(self.workdir, ignore_errors=True)
-        return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s}
+        return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s,
+                "unconnected_at_start": self.unconnected_at_start}  # fmt: skip
+
+    def _wait_connected(self, timeout_s: float) -> int:
+        """Sleep (the clients' network threads need the GIL) until every device is connected
+        to the broker, before the paced clock starts; returns how many are not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = sum(1 for r in self.runners
+                          if r.telemetry is not None and not r.telemetry.connected)  # fmt: skip
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
 
     def node(self) -> str:
         """The Ray node this host runs on (called only when hosts are Ray actors)."""
@@ -217,6 +232,13 @@ class FleetHost:
         """Stop every device (the runner ends its episode and drains its outbox), collect."""
         for r in self.runners:
             r.stop()
+        # one drain deadline for the whole host; then each device closes without waiting again
+        # (what is not drained by then stays in its outbox and the device reports drained=False)
+        deadline = time.monotonic() + self.spec.drain_s
+        for r in self.runners:
+            if r.telemetry is not None:
+                r.telemetry.wait_drained(max(deadline - time.monotonic(), 0.0))
+            r.opts = replace(r.opts, drain_s=0.0)
         for i, gen in enumerate(gens):
             if gen is not None:
                 with contextlib.suppress(StopIteration):
@@ -417,6 +439,7 @@ def _summarize(
         all_drained=all(d["drained"] for d in devices),
         failed=[f"{d['device']}: {d['error']}" for d in devices if d["error"]],
         algorithms=algs, nodes=len({h.get("node", "local") for h in hosts}),
+        unconnected_at_start=sum(h["unconnected_at_start"] for h in hosts),
         last_seq={d["device"]: d["last_seq"] for d in devices},
     )  # fmt: skip
 
