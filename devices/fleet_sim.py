@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: Telemetry batches of a simulated device leave at least this often (s): fewer, larger messages
 #: than a single robot's default keep hundreds of clients per core affordable.
 DEFAULT_BATCH_PERIOD_S = 0.2
+#: Per-step trace entries a simulated device keeps (its runner's trace is trimmed to this).
+TRACE_KEEP = 1000
 RAY_MISSING = "fleet-sim --ray needs Ray: pip install 'edgeadapt[ray]'"
 
 
@@ -98,7 +100,7 @@ class DeviceResult:
     drained: bool = False  #: every record acknowledged by the broker at exit
     late_steps: int = 0  #: steps started more than one control period late (host overloaded)
     missed_deadlines: int = 0  #: steps over the profile's step budget
-    step_us_median: float = 0.0  #: the runtime's own step latency (µs)
+    step_us_median: float = 0.0  #: the runtime's own step latency (µs), last TRACE_KEEP steps
     error: str | None = None
 
 
@@ -138,6 +140,7 @@ class FleetHost:
         self.runners: list[Any] = []
         self.results: list[DeviceResult] = []
         self.unconnected_at_start = 0
+        self.steps: list[int] = []
 
     def setup(self) -> float:
         """Unpack each device root and boot its runner (bundle verified); returns seconds."""
@@ -161,6 +164,7 @@ class FleetHost:
             self.runners.append(runner)
             alg = str(runner.agent.manifest.algorithm)
             self.results.append(DeviceResult(name, which, alg))
+            self.steps.append(0)
         return time.perf_counter() - t0
 
     def run(self, duration_s: float) -> dict[str, Any]:
@@ -220,13 +224,16 @@ class FleetHost:
         if gen is None:
             return
         try:
-            next(gen)
+            self.steps[i] = next(gen)
         except StopIteration:
             gens[i] = None
         except Exception as exc:  # one broken device must not stop the host
             log.exception("simulated device %s failed", self.results[i].device)
             self.results[i].error = f"{type(exc).__name__}: {exc}"[:300]
             gens[i] = None
+            return
+        if self.steps[i] % TRACE_KEEP == 0:
+            self.runners[i].trace.trim(TRACE_KEEP)
 
     def _stop_all(self, gens: list[Iterator[int] | None]) -> None:
         """Stop every device (the runner ends its episode and drains its outbox), collect."""
@@ -249,7 +256,7 @@ class FleetHost:
     def _collect(self, i: int) -> None:
         runner, res = self.runners[i], self.results[i]
         summary = runner.trace.summary()
-        res.steps = summary["steps"]
+        res.steps = self.steps[i]  # the trace keeps only the last TRACE_KEEP steps
         res.missed_deadlines = summary["missed_deadlines"]
         res.step_us_median = round(summary["step_us_median"], 1)
         if runner.telemetry is not None:
