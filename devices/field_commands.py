@@ -47,8 +47,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--db", help="collector database to count lost/duplicated records in "
                    "(SQLite path or postgresql:// URL; with no --broker: where the private "
                    "collector writes)")  # fmt: skip
-    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
-                   help="hosts are Ray actors (default: local processes)")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="local", metavar="auto|ADDRESS",
+                   help="hosts are Ray actors (the ray extra): alone, Ray started on this "
+                   "machine; 'auto': the running cluster; or a cluster address (default: local "
+                   "processes)")  # fmt: skip
     p.add_argument("--per-host", type=int, default=100, help="devices per host actor/process")
     p.add_argument("--fleet", default="sim", help="fleet id of the devices")
     p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")

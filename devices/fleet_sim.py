@@ -9,8 +9,8 @@ run side by side: device ``k`` runs bundle ``k mod len(bundles)``.
 Devices are grouped into *hosts* of ``per_host`` devices; one paced loop steps all devices of a
 host (each device keeps its own telemetry client threads), so a core carries hundreds of them:
 
-- with ``ray`` set, every host is a Ray actor (``ray.init(address)``; ``auto`` connects to or
-  starts a cluster as ``ray.init()`` does), so a fleet spreads over a cluster's nodes;
+- with ``ray`` set, every host is a Ray actor (``local``: Ray started on this machine; ``auto``
+  or an address: a running cluster joined), so a fleet spreads over a cluster's nodes;
 - without it, every host is a local child process.
 
 Each bundle is flashed once into a template device root (one real health gate per bundle); the
@@ -27,13 +27,14 @@ import contextlib
 import io
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 #: Telemetry batches of a simulated device leave at least this often (s): fewer, larger messages
 #: than a single robot's default keep hundreds of clients per core affordable.
 DEFAULT_BATCH_PERIOD_S = 0.2
+#: Per-step trace entries a simulated device keeps (its runner's trace is trimmed to this).
+TRACE_KEEP = 1000
 RAY_MISSING = "fleet-sim --ray needs Ray: pip install 'edgeadapt[ray]'"
 
 
@@ -63,8 +66,8 @@ class FleetOptions:
     per_host: int = 100
     batch_period_s: float = DEFAULT_BATCH_PERIOD_S
     drain_s: float = 60.0
-    ray: str | None = None  #: None: local processes; "auto" or a cluster address: Ray actors
-    host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (scheduling only)
+    ray: str | None = None  #: None: local processes; "local", "auto" or an address: Ray actors
+    host_cpus: float = 0.5  #: CPUs Ray reserves per host actor (at most CPUs / hosts)
     seed: int = 0
 
 
@@ -97,7 +100,7 @@ class DeviceResult:
     drained: bool = False  #: every record acknowledged by the broker at exit
     late_steps: int = 0  #: steps started more than one control period late (host overloaded)
     missed_deadlines: int = 0  #: steps over the profile's step budget
-    step_us_median: float = 0.0  #: the runtime's own step latency (µs)
+    step_us_median: float = 0.0  #: the runtime's own step latency (µs), last TRACE_KEEP steps
     error: str | None = None
 
 
@@ -122,6 +125,8 @@ class FleetResult:
     all_drained: bool
     failed: list[str]
     algorithms: dict[str, int]
+    nodes: int  #: machines the hosts ran on (Ray nodes; 1 for local processes)
+    unconnected_at_start: int  #: devices not connected to the broker when the clock started
     last_seq: dict[str, int] = field(repr=False)
 
 
@@ -134,6 +139,8 @@ class FleetHost:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"edgeadapt-fleet-{spec.index}-"))
         self.runners: list[Any] = []
         self.results: list[DeviceResult] = []
+        self.unconnected_at_start = 0
+        self.steps: list[int] = []
 
     def setup(self) -> float:
         """Unpack each device root and boot its runner (bundle verified); returns seconds."""
@@ -157,6 +164,7 @@ class FleetHost:
             self.runners.append(runner)
             alg = str(runner.agent.manifest.algorithm)
             self.results.append(DeviceResult(name, which, alg))
+            self.steps.append(0)
         return time.perf_counter() - t0
 
     def run(self, duration_s: float) -> dict[str, Any]:
@@ -170,6 +178,7 @@ class FleetHost:
         gens: list[Iterator[int] | None] = [r.steps() for r in self.runners]
         for i in range(len(gens)):  # first step: opens the outbox, connects, boots the loop
             self._step(gens, i)
+        self.unconnected_at_start = self._wait_connected(60.0)
         period = 1.0 / self.spec.rate_hz
         n = len(gens)
         start = time.perf_counter()
@@ -189,7 +198,25 @@ class FleetHost:
         self._stop_all(gens)
         cpu_s = time.process_time() - cpu0  # this process: control loops and telemetry clients
         shutil.rmtree(self.workdir, ignore_errors=True)
-        return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s}
+        return {"devices": [asdict(r) for r in self.results], "cpu_s": cpu_s,
+                "unconnected_at_start": self.unconnected_at_start}  # fmt: skip
+
+    def _wait_connected(self, timeout_s: float) -> int:
+        """Sleep (the clients' network threads need the GIL) until every device is connected
+        to the broker, before the paced clock starts; returns how many are not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = sum(1 for r in self.runners
+                          if r.telemetry is not None and not r.telemetry.connected)  # fmt: skip
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+
+    def node(self) -> str:
+        """The Ray node this host runs on (called only when hosts are Ray actors)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     def _step(self, gens: list[Iterator[int] | None], i: int) -> None:
         """One control step of device ``i``; a device that fails is reported and left out."""
@@ -197,18 +224,28 @@ class FleetHost:
         if gen is None:
             return
         try:
-            next(gen)
+            self.steps[i] = next(gen)
         except StopIteration:
             gens[i] = None
         except Exception as exc:  # one broken device must not stop the host
             log.exception("simulated device %s failed", self.results[i].device)
             self.results[i].error = f"{type(exc).__name__}: {exc}"[:300]
             gens[i] = None
+            return
+        if self.steps[i] % TRACE_KEEP == 0:
+            self.runners[i].trace.trim(TRACE_KEEP)
 
     def _stop_all(self, gens: list[Iterator[int] | None]) -> None:
         """Stop every device (the runner ends its episode and drains its outbox), collect."""
         for r in self.runners:
             r.stop()
+        # one drain deadline for the whole host; then each device closes without waiting again
+        # (what is not drained by then stays in its outbox and the device reports drained=False)
+        deadline = time.monotonic() + self.spec.drain_s
+        for r in self.runners:
+            if r.telemetry is not None:
+                r.telemetry.wait_drained(max(deadline - time.monotonic(), 0.0))
+            r.opts = replace(r.opts, drain_s=0.0)
         for i, gen in enumerate(gens):
             if gen is not None:
                 with contextlib.suppress(StopIteration):
@@ -219,7 +256,7 @@ class FleetHost:
     def _collect(self, i: int) -> None:
         runner, res = self.runners[i], self.results[i]
         summary = runner.trace.summary()
-        res.steps = summary["steps"]
+        res.steps = self.steps[i]  # the trace keeps only the last TRACE_KEEP steps
         res.missed_deadlines = summary["missed_deadlines"]
         res.step_us_median = round(summary["step_us_median"], 1)
         if runner.telemetry is not None:
@@ -286,20 +323,38 @@ def _run_ray(
     """Every host a Ray actor: set all up, then start all runs together."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=None if opts.ray == "auto" else opts.ray, include_dashboard=False,
-                 logging_level=logging.WARNING)  # fmt: skip
-    actor = ray.remote(num_cpus=opts.host_cpus, max_restarts=0)(FleetHost)
+        _connect(ray, opts.ray)
+    # a reservation every host gets on this cluster (more hosts than CPUs must not wait forever)
+    cpus = min(opts.host_cpus, ray.cluster_resources().get("CPU", 1.0) / len(specs))
+    actor = ray.remote(num_cpus=cpus, max_restarts=0)(FleetHost)
     hosts = [actor.options(scheduling_strategy="SPREAD").remote(s) for s in specs]
     try:
         t0 = time.perf_counter()
         ray.get([h.setup.remote() for h in hosts])
+        nodes = ray.get([h.node.remote() for h in hosts])
         t1 = time.perf_counter()
         results = ray.get([h.run.remote(opts.duration_s) for h in hosts])
         t2 = time.perf_counter()
+        for result, node in zip(results, nodes, strict=True):
+            result["node"] = node
     finally:
         for h in hosts:
             ray.kill(h)
     return t1 - t0, t2 - t1, results
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """``local``: start Ray on this machine (workers at this process's niceness: Ray's default
+    of 15 starves them on a shared machine); ``auto`` or an address: join that cluster."""
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address in (None, "local"):
+        os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
+        ray.init(**common)
+        return
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
 
 
 def _run_processes(
@@ -316,14 +371,14 @@ def _run_processes(
         p.start()
     try:
         for _ in procs:
-            msg = ready.get(timeout=600)
+            msg = _receive(ready, procs, 600)
             if "error" in msg:
                 raise EdgeadaptError(f"fleet host {msg['host']} failed to start: {msg['error']}")
         t1 = time.perf_counter()
         go.set()
         results: list[dict[str, Any]] = []
         for _ in procs:
-            msg = done.get(timeout=opts.duration_s + opts.drain_s + 600)
+            msg = _receive(done, procs, opts.duration_s + opts.drain_s + 600)
             if "error" in msg:
                 raise EdgeadaptError(f"fleet host {msg['host']} failed: {msg['error']}")
             results.append(msg["result"])
@@ -334,6 +389,23 @@ def _run_processes(
             if p.is_alive():
                 p.kill()
     return t1 - t0, t2 - t1, results
+
+
+def _receive(queue: Any, procs: list[Any], timeout_s: float) -> dict[str, Any]:
+    """The next host message; a host process that died without one is an error, not a hang."""
+    import queue as queue_module
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise EdgeadaptError(
+                    f"a fleet host process died (exit code {dead[0].exitcode})"
+                ) from None
+    raise EdgeadaptError(f"no answer from the fleet hosts in {timeout_s:.0f} s")
 
 
 def _host_process(spec: HostSpec, duration_s: float, ready: Any, done: Any, go: Any) -> None:
@@ -373,7 +445,9 @@ def _summarize(
         missed_deadlines=sum(d["missed_deadlines"] for d in devices),
         all_drained=all(d["drained"] for d in devices),
         failed=[f"{d['device']}: {d['error']}" for d in devices if d["error"]],
-        algorithms=algs, last_seq={d["device"]: d["last_seq"] for d in devices},
+        algorithms=algs, nodes=len({h.get("node", "local") for h in hosts}),
+        unconnected_at_start=sum(h["unconnected_at_start"] for h in hosts),
+        last_seq={d["device"]: d["last_seq"] for d in devices},
     )  # fmt: skip
 
 

@@ -106,6 +106,13 @@ class Trace:
         out["returns"] = np.asarray(self.returns)
         return out
 
+    def trim(self, keep: int) -> None:
+        """Keep only the last ``keep`` per-step entries (a long run, e.g. a simulated fleet,
+        must not grow without bound); per-episode entries, events and counters stay."""
+        for name in ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood",
+                     "latency_us", "mode"):  # fmt: skip
+            del getattr(self, name)[:-keep]
+
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latency_us) if self.latency_us else np.zeros(1)
         kinds = collections.Counter(e["type"] for e in self.events)

@@ -89,8 +89,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--parts", default="pg,kill,sim,dashboard", help="comma-separated parts")
     p.add_argument("--bundle", action="append", default=[], help="bundle for fleet-sim (repeat)")
     p.add_argument("--pubkey", help="public key the bundles are signed with")
-    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
-                   help="fleet-sim hosts as Ray actors (default: local processes)")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="local", metavar="auto|ADDRESS",
+                   help="fleet-sim hosts as Ray actors: alone, Ray started here; 'auto' or "
+                   "an address: that cluster (default: local processes)")  # fmt: skip
     p.add_argument("--per-host", type=int, default=100, help="fleet-sim devices per host")
     p.add_argument("--pg-messages", type=int, default=2000, help="100-record messages (pg part)")
     p.add_argument("--kill-devices", type=int, default=500)

@@ -222,7 +222,7 @@ def bench_kill(broker: Any, pg: Any, tmp: Path, opts: FleetBenchOptions) -> dict
         if "fleet" not in result:
             raise EdgeadaptError("the simulated fleet failed (see the log)")
         fleet = result["fleet"]
-        check = fleet_sim.collector_check(url, fleet.last_seq, 120)
+        check = fleet_sim.collector_check(url, fleet.last_seq, 600)
     finally:
         counters = [p.stop() for p in procs]
     return {**_fleet_summary(fleet), "collector": check, **kill,
@@ -245,7 +245,7 @@ def bench_sim(broker: Any, tmp: Path, opts: FleetBenchOptions) -> dict[str, Any]
         fopts = _fleet_options(opts, broker.url, "sim", opts.sim_devices, opts.sim_rate_hz,
                                opts.sim_seconds)  # fmt: skip
         fleet = fleet_sim.run_fleet(fopts)
-        check = fleet_sim.collector_check(db, fleet.last_seq, 120)
+        check = fleet_sim.collector_check(db, fleet.last_seq, 600)
     finally:
         collector.stop()
     return {**_fleet_summary(fleet), "collector": check}

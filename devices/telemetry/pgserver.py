@@ -86,7 +86,9 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown, then remove the data directory."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            # to the process group (the server runs in its own session): under root the child is
+            # ``runuser``, which does not pass SIGINT on, so the server would wait out the timeout
+            os.killpg(self.proc.pid, signal.SIGINT)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
