@@ -116,7 +116,7 @@ def bench_enqueue(broker_url: str, tmp: Path, calls: int) -> dict[str, Any]:
     action, mean, var = np.zeros(2), np.zeros(5), np.ones(5)
     costs = []
     try:
-        _wait(lambda: client.connected, 10)
+        wait_until(lambda: client.connected, 10)
         for step in range(calls):
             t0 = time.perf_counter_ns()
             client.record_step(step, -0.5, action, mean, var, 1.2, step, 0.3, 40.0)
@@ -137,7 +137,7 @@ def bench_throughput(broker_url: str, tmp: Path, collector: Any, records: int) -
     proc = _simdevice(broker_url, tmp, "throughput", records=records, rate=0, max_records=records,
                       batch_size=THROUGHPUT_BATCH, drain_timeout=600)  # fmt: skip
     t0 = time.perf_counter()
-    done = _wait(lambda: _count(collector.db_path, "throughput") >= records, 600)
+    done = wait_until(lambda: _count(collector.db_path, "throughput") >= records, 600)
     elapsed = time.perf_counter() - t0
     proc.wait(timeout=120)
     res = _device_result(collector.db_path, "throughput", records)
@@ -177,14 +177,14 @@ def bench_latency(broker_url: str, tmp: Path, collector: Any, seconds: float) ->
     records = int(100 * seconds)
     proc = _simdevice(broker_url, tmp, "latency", records=records, rate=100, drain_timeout=60)
     proc.wait(timeout=seconds + 120)
-    _wait(lambda: _received(collector.db_path, "latency") >= records, 30)
+    wait_until(lambda: _received(collector.db_path, "latency") >= records, 30)
     conn = collector_db.connect(collector.db_path, readonly=True)
     lat = sorted(1000 * (r - t) for r, t in conn.execute(
         "SELECT received, t FROM records WHERE device = 'latency' AND kind = 0"))  # fmt: skip
     conn.close()
     res = _device_result(collector.db_path, "latency", records)
-    return {"records": records, "rate_hz": 100, "latency_ms_p50": round(_pct(lat, 50), 2),
-            "latency_ms_p99": round(_pct(lat, 99), 2), "latency_ms_max": round(lat[-1], 2),
+    return {"records": records, "rate_hz": 100, "latency_ms_p50": round(percentile(lat, 50), 2),
+            "latency_ms_p99": round(percentile(lat, 99), 2), "latency_ms_max": round(lat[-1], 2),
             **res}  # fmt: skip
 
 
@@ -205,7 +205,7 @@ def bench_fleet(broker_url: str, tmp: Path, collector: Any, opts: BenchOptions) 
         reports.append(json.loads(out.strip().splitlines()[-1]))
     expected = {d: n for r in reports for d, n in r["last_seq"].items()}
     total = sum(expected.values())
-    _wait(lambda: _received_total(collector.db_path, "fleet-") >= total, 120)
+    wait_until(lambda: _received_total(collector.db_path, "fleet-") >= total, 120)
     stats = _device_stats(collector.db_path)
     lost = sum(n - stats.get(d, {}).get("received", 0) for d, n in expected.items())
     dups = sum(stats.get(d, {}).get("duplicate_seqs_stored", 0) for d in expected)
@@ -236,7 +236,7 @@ def fleet_host(
         cfg = TelemetryConfig(broker=broker, device=name, outbox=f"{outdir}/{name}.sqlite",
                               batch_period_s=FLEET_BATCH_PERIOD_S)  # fmt: skip
         clients.append(TelemetryClient(cfg).start())
-    _wait(lambda: all(c.connected for c in clients), 30)
+    wait_until(lambda: all(c.connected for c in clients), 30)
     period, steps = 1.0 / rate_hz, int(rate_hz * seconds)
     start, max_lag = time.perf_counter(), 0.0
     for step in range(steps):
@@ -319,18 +319,20 @@ def _received_total(db: Path, prefix: str) -> int:
         conn.close()
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100, nearest rank) of sorted values; NaN if there are none."""
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
 
 
-def _wait(cond: Any, timeout_s: float) -> bool:
+def wait_until(cond: Any, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``cond()`` every ``poll_s`` seconds until true (True) or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        time.sleep(poll_s)
     return True
 
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from devices.telemetry.bench import percentile, wait_until
 from runtime.errors import ConfigError, EdgeadaptError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def bench_pg_collectors(broker: Any, pg: Any, opts: FleetBenchOptions) -> dict[s
         try:
             t0 = time.perf_counter()
             publish_s = _publish_all(broker.port, messages)
-            done = _wait(all_stored, 600)
+            done = wait_until(all_stored, 600)
             elapsed = time.perf_counter() - t0
         finally:
             counters = [p.stop() for p in procs]
@@ -209,7 +210,7 @@ def bench_kill(broker: Any, pg: Any, tmp: Path, opts: FleetBenchOptions) -> dict
     kill: dict[str, Any] = {}
     try:
         # the fleet is running once records arrive; kill a third of the way into the run
-        if not _wait(lambda: _count(url, "kill-") > 0 or not runner.is_alive(), 900):
+        if not wait_until(lambda: _count(url, "kill-") > 0 or not runner.is_alive(), 900):
             raise EdgeadaptError("the simulated fleet sent nothing in 900 s")
         time.sleep(opts.kill_seconds / 3)
         kill["stored_at_kill"] = _count(url, "kill-")
@@ -427,7 +428,7 @@ def _arrival_to_page(
             raise EdgeadaptError("the collector did not subscribe")
         period, step = 1.0 / opts.latency_rate_hz, 0
         client.record_step(**sample_values(step))  # the device exists before its page opens
-        _wait(lambda: _count(db, name) > 0, 20)
+        wait_until(lambda: _count(db, name) > 0, 20)
         driver.get(f"{dash.base}/device/{name}")
         t_end = time.perf_counter() + opts.latency_seconds
         while time.perf_counter() < t_end:
@@ -479,7 +480,7 @@ class CollectorProcess:
         self.log = tempfile.NamedTemporaryFile(prefix=f"edgeadapt-{client_id}-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        if not _wait(lambda: self._connections() > before or self.proc.poll() is not None, 30):
+        if not wait_until(lambda: self._connections() > before or self.proc.poll() is not None, 30):
             raise EdgeadaptError(f"collector {client_id} did not connect")
         if self.proc.poll() is not None:
             tail = Path(self.log.name).read_text(errors="replace")[-500:]
@@ -632,15 +633,6 @@ def _check(opts: FleetBenchOptions) -> None:
         raise ConfigError(f"unknown dashboard stores {sorted(bad)}; choose sqlite, postgresql")
 
 
-def _wait(cond: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -650,6 +642,4 @@ def _median_ms(values: list[float]) -> float | None:
 
 
 def _pct_ms(sorted_s: list[float], q: float) -> float | None:
-    if not sorted_s:
-        return None
-    return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q / 100 * len(sorted_s)))], 1)
+    return round(1000 * percentile(sorted_s, q), 1) if sorted_s else None
