@@ -17,3 +17,4 @@ def repo_root() -> Path:
 from dashboard_fixtures import browser  # noqa: E402,F401  (dashboard: headless Chromium)
 from mqtt_fixtures import broker, collector  # noqa: E402,F401  (telemetry: real Mosquitto)
 from pg_fixtures import pg_server, pg_url  # noqa: E402,F401  (collector: real PostgreSQL)
+from ray_fixtures import ray_two_nodes  # noqa: E402,F401  (scale-out: two-node Ray cluster)

@@ -5,7 +5,6 @@ where Ray is not installed."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,22 +19,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def two_nodes() -> Iterator[Any]:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
 def test_hosts_spread_over_two_nodes_and_lose_nothing(
-    two_nodes: Any, broker: Mosquitto, collector: Collector,
+    ray_two_nodes: Any, broker: Mosquitto, collector: Collector,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:  # fmt: skip
     _, pub = cached_keys(tmp_path_factory)

@@ -25,26 +25,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
-
-
 def tiny_pearl(**extra):
     raw = {**TINY_CONFIGS["pearl"], "env": {"name": "point-nav"}, "eval": {"tasks": 4}}
     return validate_run_config({**raw, "algo": "pearl", **extra}, source="tiny")
 
 
-def test_two_nodes_collect_what_the_same_jobs_give_in_process(cluster):
+def test_two_nodes_collect_what_the_same_jobs_give_in_process(ray_two_nodes):
     from training.ray_pool import RayPool
 
     cfg = tiny_pearl()
@@ -63,7 +49,7 @@ def test_two_nodes_collect_what_the_same_jobs_give_in_process(cluster):
         assert all(np.array_equal(a, b) for a, b in zip(g.steps, e.steps, strict=True))
 
 
-def test_a_tiny_run_trains_across_the_nodes(cluster, tmp_path: Path):
+def test_a_tiny_run_trains_across_the_nodes(ray_two_nodes, tmp_path: Path):
     cfg = tiny_pearl(ray={"address": "auto", "workers": 2})
     state = train(cfg, tmp_path / "run", progress=False)
     assert state.iteration == 2 and state.updates == 2 * 5
