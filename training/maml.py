@@ -52,7 +52,7 @@ from training.maml_networks import (
 )
 from training.maml_policy import MAMLPolicy, evaluate_policy
 from training.plots import read_metrics
-from training.progress import Deadline, Progress
+from training.progress import METRICS_FILE, Progress, run_loop
 from training.rollouts import (
     InProcessPool,
     RolloutPool,
@@ -72,7 +72,6 @@ MAML_POSTFIX = {
     "test_post": ("eval_post", "{:.1f}"),
 }
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 CURVE_FILE = "learning_curve.png"
 
@@ -164,9 +163,8 @@ def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress:
         f"train {cfg.env.name} (MAML)",
         MAML_POSTFIX,
     )
-    start, steps_at_start = time.perf_counter(), state.env_steps
-    deadline = Deadline(cfg.train.max_minutes)
-    while state.iteration < cfg.train.iterations and not deadline.reached:
+
+    def iteration(start: float, steps_at_start: int) -> dict[str, Any]:
         tasks = sample_tasks(state)
         w_MW = state.theta.detach().expand(m, -1)
         pre = collect(state, tasks, w_MW, pool)
@@ -177,17 +175,9 @@ def run_iterations(state: MAMLState, run_dir: Path, pool: RolloutPool, progress:
             post = collect(state, tasks, adapted, pool)
             stats = outer_update(state, pre, post)
         state.iteration += 1
-        row = metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
-        last = state.iteration == cfg.train.iterations or deadline.check()
-        if state.iteration % cfg.train.eval_every == 0 or last:
-            row.update(quick_eval(state))
-        append_metrics(run_dir, row)
-        state.history.append(row)
-        if state.iteration % cfg.train.checkpoint_every == 0:
-            checkpoint(state, run_dir)
-        bar.advance(row)
-    checkpoint(state, run_dir)
-    bar.close()
+        return metrics_row(state, pre, post, stats, time.perf_counter() - start, steps_at_start)
+
+    run_loop(state, run_dir, bar, iteration, quick_eval, checkpoint)
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -393,11 +383,6 @@ def metrics_row(
         "env_steps_per_s": (state.env_steps - steps_at_start) / max(elapsed, 1e-9),
         **stats,
     }
-
-
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with (run_dir / METRICS_FILE).open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def write_run_config(run_dir: Path, cfg: MAMLTrainConfig) -> None:

@@ -43,7 +43,7 @@ from training.collect import add_steps, collect_shard, collection_weights
 from training.config import PearlConfig as TrainConfig
 from training.losses import TorchBatch, actor_losses, critic_losses, soft_update
 from training.policy import OraclePolicy, PearlPolicy
-from training.progress import Deadline, Progress
+from training.progress import Progress, run_loop
 from training.rollouts import InProcessPool, RolloutPool, collect_shards, open_pool
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ PEARL_POSTFIX = {
 }
 
 BUFFER_FILE = "buffer.npz"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -121,26 +120,16 @@ def run_iterations(
         PEARL_POSTFIX,
         bar_position,
     )
-    start = time.perf_counter()
-    steps_at_start = state.env_steps
-    deadline = Deadline(cfg.train.max_minutes)
-    while state.iteration < cfg.train.iterations and not deadline.reached:
+
+    def iteration(start: float, steps_at_start: int) -> dict[str, Any]:
         ids = state.rng.choice(len(state.train_tasks), cfg.train.tasks_per_iter, replace=False)
         train_return = collect_iteration(state, pool, ids)
         set_learning_rates(state)
         stats = [update(state) for _ in range(cfg.train.updates_per_iter)]
         state.iteration += 1
-        row = metrics_row(state, stats, train_return, time.perf_counter() - start, steps_at_start)
-        last = state.iteration == cfg.train.iterations or deadline.check()
-        if state.iteration % cfg.train.eval_every == 0 or last:
-            row.update(quick_eval(state))
-        append_metrics(run_dir, row)
-        state.history.append(row)
-        if state.iteration % cfg.train.checkpoint_every == 0:
-            checkpoint(state, run_dir)
-        bar.advance(row)
-    checkpoint(state, run_dir)
-    bar.close()
+        return metrics_row(state, stats, train_return, time.perf_counter() - start, steps_at_start)
+
+    run_loop(state, run_dir, bar, iteration, quick_eval, checkpoint)
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -387,11 +376,6 @@ def metrics_row(
     for key in stats[0]:
         row[key] = float(np.mean([s[key] for s in stats]))
     return row
-
-
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with (run_dir / METRICS_FILE).open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def checkpoint(state: TrainState, run_dir: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -67,3 +70,45 @@ class Deadline:
             self.reached = True
             log.info("wall-clock budget of %.1f min reached", limit / 60.0)
         return self.reached
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One metrics row (JSON) appended to the run's ``metrics.jsonl``."""
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run_loop(
+    state: Any,
+    run_dir: Path,
+    bar: Progress,
+    iteration: Callable[[float, int], dict[str, Any]],
+    quick_eval: Callable[[Any], dict[str, Any]],
+    checkpoint: Callable[[Any, Path], None],
+) -> None:
+    """The meta-training loop every family shares, around its ``iteration``.
+
+    ``iteration(start, steps_at_start)`` runs one iteration (advancing ``state.iteration`` and
+    ``state.env_steps``) and returns its metrics row; ``start`` is the loop's
+    ``time.perf_counter()`` origin. The loop stops at ``train.iterations`` or the wall-clock
+    budget, adds the quick evaluation every ``train.eval_every`` iterations and after the last
+    one, logs, keeps the history, checkpoints every ``train.checkpoint_every`` and at the end.
+    """
+    train = state.cfg.train
+    start, steps_at_start = time.perf_counter(), state.env_steps
+    deadline = Deadline(train.max_minutes)
+    while state.iteration < train.iterations and not deadline.reached:
+        row = iteration(start, steps_at_start)
+        last = state.iteration == train.iterations or deadline.check()
+        if state.iteration % train.eval_every == 0 or last:
+            row.update(quick_eval(state))
+        append_metrics(run_dir, row)
+        state.history.append(row)
+        if state.iteration % train.checkpoint_every == 0:
+            checkpoint(state, run_dir)
+        bar.advance(row)
+    checkpoint(state, run_dir)
+    bar.close()

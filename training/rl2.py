@@ -49,7 +49,7 @@ from training.checkpoint import (
     write_run_config,
 )
 from training.plots import plot_learning_curve
-from training.progress import Deadline, Progress
+from training.progress import Progress, run_loop
 from training.rl2_config import RL2TrainConfig
 from training.rl2_networks import RL2Agent
 from training.rl2_policy import RL2Policy
@@ -75,8 +75,6 @@ RL2_POSTFIX = {
     "eval1": ("eval_return_ep1", "{:.2f}"),
     "eval2": ("eval_return_ep2", "{:.2f}"),
 }
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -167,26 +165,16 @@ def run_iterations(
         RL2_POSTFIX,
         bar_position,
     )
-    start = time.perf_counter()
-    steps_at_start = state.env_steps
-    deadline = Deadline(cfg.train.max_minutes)
-    while state.iteration < cfg.train.iterations and not deadline.reached:
+
+    def iteration(start: float, steps_at_start: int) -> dict[str, Any]:
         batch = collect_trials(state, sample_trial_tasks(state), pool)
         advantages, returns = compute_gae(state, batch)
         set_learning_rate(state)
         stats = ppo_update(state, batch, advantages, returns)
         state.iteration += 1
-        row = metrics_row(state, batch, stats, time.perf_counter() - start, steps_at_start)
-        last = state.iteration == cfg.train.iterations or deadline.check()
-        if state.iteration % cfg.train.eval_every == 0 or last:
-            row.update(quick_eval(state))
-        append_metrics(run_dir, row)
-        state.history.append(row)
-        if state.iteration % cfg.train.checkpoint_every == 0:
-            checkpoint(state, run_dir)
-        bar.advance(row)
-    checkpoint(state, run_dir)
-    bar.close()
+        return metrics_row(state, batch, stats, time.perf_counter() - start, steps_at_start)
+
+    run_loop(state, run_dir, bar, iteration, quick_eval, checkpoint)
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -469,11 +457,6 @@ def metrics_row(
     }
     row.update(stats)
     return row
-
-
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with (run_dir / METRICS_FILE).open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def checkpoint(state: TrainState, run_dir: Path) -> Path:
