@@ -116,7 +116,19 @@ class PEARLConfig(_Section):
     forget: float = Field(1.0, gt=0, le=1, description="belief forgetting factor at deployment")
 
 
-class TrainLoopConfig(_Section):
+class LoopConfig(_Section):
+    """What every family's ``train`` section shares (read by :func:`training.progress.run_loop`
+    with the family's own ``iterations``, ``eval_every`` and ``checkpoint_every``)."""
+
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget (min): stop after the iteration that passes it and "
+        "checkpoint; None = run all iterations",
+    )
+
+
+class TrainLoopConfig(LoopConfig):
     iterations: int = Field(200, ge=1, description="meta-training iterations")
     initial_episodes: int = Field(
         4, ge=0, description="prior-latent episodes collected per train task before training"
@@ -142,12 +154,6 @@ class TrainLoopConfig(_Section):
     eval_every: int = Field(20, ge=1, description="iterations between evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
     num_threads: int = Field(2, ge=1, description="torch intra-op threads")
-    max_minutes: float | None = Field(
-        None,
-        gt=0,
-        description="wall-clock budget (min): stop after the iteration that passes it and "
-        "checkpoint; None = run all iterations",
-    )
 
 
 class EvalConfig(_Section):

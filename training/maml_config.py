@@ -9,14 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from runtime.configio import load_config
-from training.config import EnvConfig, EvalConfig, RayConfig
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from training.config import LoopConfig, RunConfig, _Section
 
 
 class MAMLModelConfig(_Section):
@@ -96,20 +92,14 @@ class MAMLAlgoConfig(_Section):
     )
 
 
-class MAMLLoopConfig(_Section):
+class MAMLLoopConfig(LoopConfig):
     iterations: int = Field(300, ge=1, description="meta-training iterations (meta-batches)")
     eval_every: int = Field(25, ge=1, description="iterations between test-split evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
     num_threads: int = Field(1, ge=1, description="torch intra-op threads")
-    max_minutes: float | None = Field(
-        None,
-        gt=0,
-        description="wall-clock budget (min): stop after the iteration that passes it and "
-        "checkpoint; None = run all iterations",
-    )
 
 
-class MAMLTrainConfig(_Section):
+class MAMLTrainConfig(RunConfig):
     """One MAML-RL meta-training run (ProMP-style clipped outer update).
 
     ``env.num_train_tasks``: 0 samples fresh tasks of the train split every iteration (MAML's
@@ -117,13 +107,9 @@ class MAMLTrainConfig(_Section):
     """
 
     algo: Literal["maml"] = "maml"
-    seed: int = Field(0, ge=0, description="seed of every RNG in the run")
-    env: EnvConfig = EnvConfig()
     model: MAMLModelConfig = MAMLModelConfig()
     maml: MAMLAlgoConfig = MAMLAlgoConfig()
     train: MAMLLoopConfig = MAMLLoopConfig()
-    eval: EvalConfig = EvalConfig()
-    ray: RayConfig = RayConfig()
 
 
 def load_maml_config(path: str | Path, overrides: list[str] | None = None) -> MAMLTrainConfig:

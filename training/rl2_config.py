@@ -9,14 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from runtime.configio import load_config
-from training.config import EnvConfig, EvalConfig, RayConfig
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from training.config import LoopConfig, RunConfig, _Section
 
 
 class RL2ModelConfig(_Section):
@@ -73,7 +69,7 @@ class PPOConfig(_Section):
     )
 
 
-class RL2LoopConfig(_Section):
+class RL2LoopConfig(LoopConfig):
     iterations: int = Field(1000, ge=1, description="PPO iterations")
     trials_per_iter: int = Field(64, ge=1, description="trials (tasks) collected in parallel")
     episodes_per_trial: int = Field(
@@ -85,25 +81,15 @@ class RL2LoopConfig(_Section):
     eval_every: int = Field(50, ge=1, description="iterations between evaluations")
     checkpoint_every: int = Field(200, ge=1, description="iterations between checkpoints")
     num_threads: int = Field(1, ge=1, description="torch intra-op threads")
-    max_minutes: float | None = Field(
-        None,
-        gt=0,
-        description="wall-clock budget (min): stop after the iteration that passes it and "
-        "checkpoint; None = run all iterations",
-    )
 
 
-class RL2TrainConfig(_Section):
+class RL2TrainConfig(RunConfig):
     """One RL² meta-training run."""
 
     algo: Literal["rl2"] = "rl2"
-    seed: int = Field(0, ge=0, description="seed of every RNG in the run")
-    env: EnvConfig = EnvConfig()
     model: RL2ModelConfig = RL2ModelConfig()
     ppo: PPOConfig = PPOConfig()
     train: RL2LoopConfig = RL2LoopConfig()
-    eval: EvalConfig = EvalConfig()
-    ray: RayConfig = RayConfig()
 
 
 def load_rl2_config(path: str | Path, overrides: list[str] | None = None) -> RL2TrainConfig:
