@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.tasks.base import FamilySpec, Split, TaskFamily, as_split
-from runtime.tasks.splits import HeldOutCells
+from runtime.tasks.splits import HeldOutCells, split_labels
 
 DT = 0.1  # s
 HORIZON = 100
@@ -182,7 +182,4 @@ def split_of(tasks: np.ndarray) -> np.ndarray:
     in_range = _CELLS.in_box(tasks)
     rest_in_range = _CELLS.in_box(np.column_stack([np.full(len(tasks), _IN_LOW[0]), tasks[:, 1:]]))
     ood = (tasks[:, 0] >= _OOD_MU[0]) & (tasks[:, 0] <= _OOD_MU[1]) & rest_in_range
-    out = np.full(len(tasks), "none", dtype=object)
-    out[in_range] = np.where(_CELLS.is_test(tasks[in_range]), "test", "train")
-    out[ood] = "ood"
-    return out
+    return split_labels(in_range, _CELLS.is_test(tasks[in_range]), ood)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.tasks.base import FamilySpec, Split, TaskFamily, as_split
-from runtime.tasks.splits import HeldOutCells, within
+from runtime.tasks.splits import HeldOutCells, sample_box_signed_first, split_labels, within
 
 DT = 0.05  # s
 HORIZON = 100
@@ -162,20 +162,13 @@ def split_of(tasks: np.ndarray) -> np.ndarray:
         [_OOD_WIND_X[0], _OOD_WIND_Z[0], _IN_LOW[2], _OOD_FOG[0]],
         [_OOD_WIND_X[1], _OOD_WIND_Z[1], _IN_HIGH[2], _OOD_FOG[1]],
     )
-    out = np.full(len(tasks), "none", dtype=object)
-    out[in_range] = np.where(_CELLS.is_test(tasks[in_range, :3]), "test", "train")
-    out[ood] = "ood"
-    return out
+    return split_labels(in_range, _CELLS.is_test(tasks[in_range, :3]), ood)
 
 
 def _sample_ood(n: int, rng: np.random.Generator) -> np.ndarray:
-    sign = rng.choice(np.array([-1.0, 1.0]), size=n)
-    return np.stack(
-        [
-            sign * rng.uniform(*_OOD_WIND_X, size=n),
-            rng.uniform(*_OOD_WIND_Z, size=n),
-            rng.uniform(_IN_LOW[2], _IN_HIGH[2], size=n),
-            rng.uniform(*_OOD_FOG, size=n),
-        ],
-        axis=1,
+    return sample_box_signed_first(
+        n,
+        rng,
+        [_OOD_WIND_X[0], _OOD_WIND_Z[0], _IN_LOW[2], _OOD_FOG[0]],
+        [_OOD_WIND_X[1], _OOD_WIND_Z[1], _IN_HIGH[2], _OOD_FOG[1]],
     )

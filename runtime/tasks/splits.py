@@ -23,6 +23,26 @@ def within(points: np.ndarray, low: Sequence[float], high: Sequence[float]) -> n
     return np.all((points >= np.asarray(low)) & (points <= np.asarray(high)), axis=1)
 
 
+def split_labels(in_range: np.ndarray, test: np.ndarray, ood: np.ndarray) -> np.ndarray:
+    """Split names per task from masks: ``in_range`` and ``ood`` ``(n,)``, ``test`` for the
+    in-range rows only ``(n_in,)``; 'ood' wins, rows in neither are 'none'."""
+    out = np.full(len(in_range), "none", dtype=object)
+    out[in_range] = np.where(test, "test", "train")
+    out[ood] = "ood"
+    return out
+
+
+def sample_box_signed_first(
+    n: int, rng: np.random.Generator, low: Sequence[float], high: Sequence[float]
+) -> np.ndarray:
+    """``n`` points uniform in the box ``[low, high]``, the first coordinate's sign random
+    (a wind from either side): the signs are drawn first, then each column in turn."""
+    sign = rng.choice(np.array([-1.0, 1.0]), size=n)
+    cols = np.stack([rng.uniform(lo, hi, size=n) for lo, hi in zip(low, high, strict=True)], 1)
+    cols[:, 0] *= sign
+    return cols
+
+
 @dataclass(frozen=True)
 class HeldOutCells:
     """A grid over an in-range task box with a seeded set of held-out (test) cells."""
@@ -135,9 +155,6 @@ class BoxSplits:
     def split_of(self, tasks: np.ndarray) -> np.ndarray:
         """Membership of each task vector: 'train', 'test', 'ood' or 'none'."""
         tasks = np.atleast_2d(np.asarray(tasks, dtype=np.float64))
-        out = np.full(len(tasks), "none", dtype=object)
         inside = self._grid.in_box(tasks)
-        out[inside] = np.where(self._grid.is_test(tasks[inside]), "test", "train")
-        ood = np.all((tasks >= self.ood_low) & (tasks <= self.ood_high), axis=1)
-        out[ood] = "ood"
-        return out
+        ood = within(tasks, self.ood_low, self.ood_high)
+        return split_labels(inside, self._grid.is_test(tasks[inside]), ood)
