@@ -51,7 +51,7 @@ from training.maml_networks import (
     policy_mean,
 )
 from training.maml_policy import MAMLPolicy, evaluate_policy
-from training.plots import read_metrics
+from training.plots import plot_learning_curve, read_metrics
 from training.progress import METRICS_FILE, Progress, run_loop
 from training.rollouts import (
     InProcessPool,
@@ -73,7 +73,6 @@ MAML_POSTFIX = {
 }
 
 CONFIG_FILE = "config.yaml"
-CURVE_FILE = "learning_curve.png"
 
 
 @dataclass
@@ -455,28 +454,12 @@ def load_maml_run(run_dir: str | Path) -> MAMLState:
 
 def plot_curve(run_dir: Path) -> Path:
     """Train returns before/after the inner step and test evaluations, against env steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    steps = [r["env_steps"] for r in rows]
-    fig, (ax_ret, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_ret.plot(steps, [r["train_pre"] for r in rows], label="train, before adapt", alpha=0.6)
-    ax_ret.plot(steps, [r["train_post"] for r in rows], label="train, after 1 step", alpha=0.6)
-    evals = [r for r in rows if "eval_pre" in r]
-    for key, label in (("eval_pre", "test, before"), ("eval_post", "test, after 1 step")):
-        ax_ret.plot([r["env_steps"] for r in evals], [r[key] for r in evals], "o-", label=label)
-    ax_ret.set(xlabel="environment steps", ylabel="return per episode", title="returns")
-    ax_ret.legend()
-    ax_loss.plot(steps, [r["loss_outer"] for r in rows], label="outer surrogate")
-    ax_loss.plot(steps, [r["policy_std"] for r in rows], label="policy std")
-    ax_loss.set(xlabel="environment steps", title="meta-update")
-    ax_loss.legend()
-    fig.suptitle(f"MAML, {len(rows)} iterations")
-    fig.tight_layout()
-    out = run_dir / CURVE_FILE
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plot_learning_curve(
+        run_dir,
+        f"MAML, {len(read_metrics(run_dir))} iterations",
+        train=(("train_pre", "train, before adapt"), ("train_post", "train, after 1 step")),
+        evals=(("eval_pre", "test, before"), ("eval_post", "test, after 1 step")),
+        losses=(("loss_outer", "outer surrogate"), ("policy_std", "policy std")),
+        loss_title="meta-update",
+        symlog=False,
+    )

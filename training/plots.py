@@ -16,8 +16,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_learning_curve(run_dir: Path, title: str = "") -> Path:
-    """Returns and losses against environment steps; written to ``learning_curve.png``."""
+Series = tuple[tuple[str, str], ...]  # (metrics key, legend label)
+
+
+def plot_learning_curve(
+    run_dir: Path,
+    title: str = "",
+    train: Series = (("train_return", "train (online belief)"),),
+    evals: Series = (("eval_return_ep1", "test ep 1"), ("eval_return_ep2", "test ep 2")),
+    losses: Series = (("loss_critic", "loss_critic"), ("loss_actor", "loss_actor"),
+                      ("loss_kl", "loss_kl")),
+    loss_title: str = "losses",
+    symlog: bool = True,
+) -> Path:  # fmt: skip
+    """Returns (``train`` per iteration, ``evals`` where logged) and ``losses`` (those the run
+    logs) against environment steps; written to ``learning_curve.png``. The defaults are the
+    SAC families' metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,17 +40,19 @@ def plot_learning_curve(run_dir: Path, title: str = "") -> Path:
     rows = read_metrics(run_dir)
     steps = [r["env_steps"] for r in rows]
     fig, (ax_ret, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_ret.plot(steps, [r["train_return"] for r in rows], label="train (online belief)", alpha=0.6)
-    evals = [r for r in rows if "eval_return_ep1" in r]
-    for key, label in (("eval_return_ep1", "test ep 1"), ("eval_return_ep2", "test ep 2")):
-        ax_ret.plot([r["env_steps"] for r in evals], [r[key] for r in evals], "o-", label=label)
+    for key, label in train:
+        ax_ret.plot(steps, [r[key] for r in rows], label=label, alpha=0.6)
+    logged = [r for r in rows if evals[0][0] in r]
+    for key, label in evals:
+        ax_ret.plot([r["env_steps"] for r in logged], [r[key] for r in logged], "o-", label=label)
     ax_ret.set(xlabel="environment steps", ylabel="return per episode", title="returns")
     ax_ret.legend()
-    for key in ("loss_critic", "loss_actor", "loss_kl"):
+    for key, label in losses:
         if rows and key in rows[0]:
-            ax_loss.plot(steps, [r[key] for r in rows], label=key)
-    ax_loss.set(xlabel="environment steps", title="losses")
-    ax_loss.set_yscale("symlog")
+            ax_loss.plot(steps, [r[key] for r in rows], label=label)
+    ax_loss.set(xlabel="environment steps", title=loss_title)
+    if symlog:
+        ax_loss.set_yscale("symlog")
     ax_loss.legend()
     fig.suptitle(title)
     fig.tight_layout()
