@@ -74,6 +74,12 @@ class RunnerOptions:
     progress: bool = False
 
 
+#: The per-step fields of a :class:`Trace` that :meth:`Trace.arrays` turns into float arrays
+#: (with ``latency_us`` and ``mode``, what :meth:`Trace.trim` cuts).
+_FLOAT_STEP_FIELDS = ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood",
+                      "tracking_error_m")  # fmt: skip
+
+
 @dataclass
 class Trace:
     """Per-step record of a run, for reports and tests (numpy-friendly lists)."""
@@ -98,9 +104,7 @@ class Trace:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-step fields as numpy arrays (for plots and ``np.savez``)."""
-        names = ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood",
-                 "tracking_error_m")  # fmt: skip
-        out = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in names}
+        out = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in _FLOAT_STEP_FIELDS}
         out["latency_us"] = np.asarray(self.latency_us)
         out["mode"] = np.asarray(self.mode)
         out["returns"] = np.asarray(self.returns)
@@ -109,8 +113,7 @@ class Trace:
     def trim(self, keep: int) -> None:
         """Keep only the last ``keep`` per-step entries (a long run, e.g. a simulated fleet,
         must not grow without bound); per-episode entries, events and counters stay."""
-        for name in ("task", "episode", "reward", "action", "belief_mean", "belief_var", "ood",
-                     "latency_us", "mode"):  # fmt: skip
+        for name in (*_FLOAT_STEP_FIELDS, "latency_us", "mode"):
             del getattr(self, name)[:-keep]
 
     def summary(self) -> dict[str, Any]:
@@ -138,6 +141,7 @@ class FieldRunner:
         self.rate_hz = opts.rate_hz or self.profile.control_rate_hz
         import_plugins(self.agent.manifest.plugins, source=f"bundle {self.bundle}")
         self.env = make_family(opts.sim or self.agent.manifest.env, 1)
+        self._tracking = getattr(self.env, "tracking_error", None)  # drone-track has one
         self.mode = Mode.ADAPTIVE
         self.commanded_safe = False
         self.calm = 0
@@ -337,8 +341,7 @@ class FieldRunner:
     def _tracking_error(self) -> float:
         """The plant's true distance to its reference (m) now, for families that track one;
         NaN for the others."""
-        error = getattr(self.env, "tracking_error", None)
-        return float(error()[0]) if error is not None else float("nan")
+        return float(self._tracking()[0]) if self._tracking is not None else float("nan")
 
     def _record(
         self,
