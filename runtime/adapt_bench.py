@@ -39,9 +39,11 @@ def bench_adapt(
             f"{bundle_dir}: {manifest.algorithm} declares no episodic adaptation (nothing to time)"
         )
     agent = Agent(manifest, bundle_dir, [CPU], AgentConfig(seed=seed))
+    buffer = agent._episodes  # the agent's own episode buffer and adapt session
+    if buffer is not None:
+        buffer.keep_last_feeds = True
     tasks = held_out_tasks(make_family(manifest.env), "test", 1, seed)
     rollout(agent, manifest.env, tasks, episodes=episodic.every_episodes, seed=seed)
-    buffer = agent._episodes  # the agent's own episode buffer and adapt session
     feeds = buffer.last_feeds if buffer is not None else None
     if feeds is None:
         raise BundleError(f"{bundle_dir}: the agent did not adapt after the exploration episodes")

@@ -78,7 +78,9 @@ class EpisodeBuffer:
                 f"adapt_limits {sorted(unknown)}: the {spec.graph} graph outputs {self.outputs}"
             )
         self.batch = 0
-        #: The feeds of the last adaptation's first agent (``bench adapt`` replays them).
+        #: Set by ``bench adapt`` only: keep a copy of the first agent's feeds of each
+        #: adaptation in :attr:`last_feeds` (a device never pays for the copy).
+        self.keep_last_feeds = False
         self.last_feeds: dict[str, np.ndarray] | None = None
 
     @property
@@ -147,7 +149,7 @@ class EpisodeBuffer:
             feeds |= {
                 k: np.full((1, 1), v, np.float32) for k, v in params.items() if k in self.inputs
             }
-            if b == 0:
+            if b == 0 and self.keep_last_feeds:
                 self.last_feeds = {k: v.copy() for k, v in feeds.items()}
             t0 = time.perf_counter_ns()
             out = self.session.run_feeds(feeds)
