@@ -263,3 +263,54 @@ def test_collector_sigkill_and_restart_loses_nothing(broker: Mosquitto, tmp_path
 
 def _connections(broker: Mosquitto) -> int:
     return broker.log_tail(1_000_000).count("as killable-collector")
+
+
+def test_an_idle_client_writes_nothing_and_still_sends_the_next_record_at_once(
+    broker: Mosquitto, collector: Collector, tmp_path: Path
+) -> None:
+    """Between records the worker sleeps: no outbox transaction, no polling every tick.
+
+    A record queued after more than one idle period (1 s) must still reach the collector in
+    well under that period, so sleeping never delays telemetry.
+    """
+    db = tmp_path / "collector.sqlite"
+    cfg = TelemetryConfig(broker=broker.url, device="idle-dev", outbox=str(tmp_path / "o.sqlite"))
+    client = TelemetryClient(cfg).start()
+    try:
+        wait_for(lambda: client.connected, 10, "the connection")
+        client.record(Sample(0, 0.0, [0.0], [0.0], [1.0], 0.0, 0, 0.0, 1.0))
+        wait_for(lambda: received(db, "idle-dev") == 1, 10, "the first record")
+        wait_for(lambda: client.stats().stored == 0, 10, "the acknowledged row deleted")
+        time.sleep(0.2)
+        commits = client.stats().store_commits
+        time.sleep(2.5)  # idle: more than two idle periods
+        assert client.stats().store_commits == commits
+        t0 = time.monotonic()
+        client.record(Sample(1, 0.0, [0.0], [0.0], [1.0], 0.0, 1, 0.0, 1.0))
+        wait_for(lambda: received(db, "idle-dev") == 2, 10, "the record after the idle spell")
+        assert time.monotonic() - t0 < 0.5
+        assert client.stats().store_commits > commits  # the record was persisted first
+    finally:
+        client.close()
+
+
+def test_a_burst_beyond_the_ram_bound_is_stored_whole_when_the_disk_has_room(
+    broker: Mosquitto, collector: Collector, tmp_path: Path
+) -> None:
+    """``max_queued_records`` bounds records that *cannot* be stored (disk full), not a burst
+    the worker has simply not reached yet: 1000 records queued before the worker's first
+    cycle, with a bound of 100, all arrive."""
+    db = tmp_path / "collector.sqlite"
+    cfg = TelemetryConfig(
+        broker=broker.url, device="burst", outbox=str(tmp_path / "o.sqlite"), max_queued_records=100
+    )
+    client = TelemetryClient(cfg)
+    for step in range(1000):  # queued before the worker runs: one cycle takes them all
+        client.record(Sample(step, 0.0, [0.0], [0.0], [1.0], 0.0, step, 0.0, 1.0))
+    client.start()
+    try:
+        assert client.wait_drained(30)
+        wait_for(lambda: received(db, "burst") == 1000, 10, "every record of the burst")
+        assert client.stats().dropped_records == 0 and client.stats().ram_dropped == 0
+    finally:
+        client.close()

@@ -9,7 +9,9 @@ Runs, in order:
 3. ``ingest``: the collector's storage path alone (parse + dedup insert + commit), rows/s;
 4. ``latency``: one device process at a 100 Hz control loop; per record, collector arrival time
    minus the record's timestamp (same clock), p50/p99 ms;
-5. ``fleet``: ``devices`` simulated devices (each its own MQTT connection and outbox) at
+5. ``worker_cpu``: one client in this process recording at 0 (idle), 20 and 100 Hz; the CPU
+   its worker thread uses (ms per second of wall time) and its outbox commits per second;
+6. ``fleet``: ``devices`` simulated devices (each its own MQTT connection and outbox) at
    ``fleet_rate_hz`` for ``fleet_seconds``, hosted by ``processes`` processes; counts lost and
    duplicated records.
 
@@ -49,6 +51,8 @@ class BenchOptions:
     processes: int = 4
     fleet: bool = True
     enqueue_calls: int = 20_000
+    cpu_seconds: float = 5.0
+    cpu_rates_hz: tuple[float, ...] = (0.0, 20.0, 100.0)
 
 
 def run_bench(opts: BenchOptions, progress: bool = False) -> dict[str, Any]:
@@ -76,6 +80,10 @@ def run_bench(opts: BenchOptions, progress: bool = False) -> dict[str, Any]:
             out["throughput"] = bench_throughput(broker.url, tmp, collector, opts.records)
             say("collector ingest ...")
             out["ingest"] = bench_ingest(tmp)
+            say("worker CPU per client ...")
+            out["worker_cpu"] = bench_worker_cpu(
+                broker.url, tmp, opts.cpu_rates_hz, opts.cpu_seconds
+            )
             say("latency at 100 Hz ...")
             out["latency"] = bench_latency(broker.url, tmp, collector, opts.latency_seconds)
             if opts.fleet:
@@ -95,6 +103,7 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
         "latency_ms_p50": out["latency"]["latency_ms_p50"],
         "latency_ms_p99": out["latency"]["latency_ms_p99"],
         "enqueue_us_median": out["enqueue"]["us_median"],
+        "worker_cpu_ms_per_s": {r["rate_hz"]: r["cpu_ms_per_s"] for r in out["worker_cpu"]},
         "lost": sum(out[p]["lost"] for p in parts),
         "duplicates": sum(out[p]["duplicates"] for p in parts),
         **out,
@@ -129,6 +138,48 @@ def bench_enqueue(broker_url: str, tmp: Path, calls: int) -> dict[str, Any]:
     costs_us = sorted(c / 1000 for c in costs)
     return {"calls": calls, "us_median": round(statistics.median(costs_us), 2),
             "us_p99": round(costs_us[int(0.99 * len(costs_us))], 2)}  # fmt: skip
+
+
+def bench_worker_cpu(
+    broker_url: str, tmp: Path, rates_hz: tuple[float, ...], seconds: float
+) -> list[dict[str, Any]]:
+    """CPU of one client's worker thread per second of wall time, recording at each rate.
+
+    The control loop is this thread sleeping between ``record_step`` calls; the worker's CPU
+    clock (``pthread_getcpuclockid``) counts only the client's own work: encoding, outbox
+    transactions, publishing, acknowledgements, and its idle ticks.
+    """
+    import numpy as np
+
+    from devices.telemetry.client import TelemetryClient
+    from devices.telemetry.config import TelemetryConfig
+
+    action, mean, var = np.zeros(2), np.zeros(5), np.ones(5)
+    out = []
+    for rate in rates_hz:
+        cfg = TelemetryConfig(
+            broker=broker_url, device=f"cpu-{rate:g}", outbox=str(tmp / f"cpu-{rate:g}.sqlite")
+        )
+        client = TelemetryClient(cfg).start()
+        try:
+            wait_until(lambda c=client: c.connected, 10)
+            time.sleep(0.5)  # the birth and state messages settle
+            clock = time.pthread_getcpuclockid(client._thread.ident)  # type: ignore[arg-type]
+            cpu0, commits0, step = time.clock_gettime(clock), client.stats().store_commits, 0
+            t0 = time.monotonic()
+            while (now := time.monotonic()) < t0 + seconds:
+                if rate:
+                    client.record_step(step, -0.5, action, mean, var, 1.2, step, 0.3, 40.0)
+                    step += 1
+                time.sleep(max(0.0, t0 + (step / rate if rate else 0.1) - now))
+            wall = time.monotonic() - t0
+            cpu, commits = time.clock_gettime(clock) - cpu0, client.stats().store_commits - commits0
+            client.wait_drained(30)
+        finally:
+            client.close()
+        out.append({"rate_hz": rate, "records": step, "cpu_ms_per_s": round(1000 * cpu / wall, 2),
+                    "commits_per_s": round(commits / wall, 1)})  # fmt: skip
+    return out
 
 
 def bench_throughput(broker_url: str, tmp: Path, collector: Any, records: int) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class ClientStats:
     ram_dropped: int = 0  # records dropped from RAM while the disk was full
     store_failures: int = 0  # insert attempts refused (no headroom) or failed (disk full)
     unstored_at_close: int = 0  # records still without disk space at close (reported dropped)
+    store_commits: int = 0  # outbox write transactions committed (an idle client makes none)
 
 
 class TelemetryClient:
@@ -165,6 +166,7 @@ class TelemetryClient:
         self._generation = 0  # incremented by each successful connect (network thread)
         self._seen_generation = 0
         self._rebirth = False
+        self._idle = False  # the worker sleeps until woken (nothing to do); see _busy
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (first seq, last seq)
         self._sent_hi = 0  # highest seq handed to paho
         self._hist_upto = self._queue.last_assigned  # records up to here were offline-buffered
@@ -268,7 +270,7 @@ class TelemetryClient:
     def record(self, sample: Sample) -> int:
         """Queue a ready :class:`Sample` (its sequences must not be mutated afterwards)."""
         seq = self._queue.put(RecordKind.TELEMETRY, time.time(), sample)
-        if len(self._queue) >= self.config.batch_size:
+        if self._idle or len(self._queue) >= self.config.batch_size:
             self._wake.set()
         return seq
 
@@ -292,7 +294,7 @@ class TelemetryClient:
             commands_accepted=c["cmd_ok"], commands_rejected=c["cmd_rejected"],
             worker_errors=c["errors"], unstored=len(self._unstored),
             ram_dropped=c["ram_dropped"], store_failures=c["store_failures"],
-            unstored_at_close=c["unstored_at_close"],
+            unstored_at_close=c["unstored_at_close"], store_commits=self._store.commits,
         )  # fmt: skip
 
     @property
@@ -359,8 +361,24 @@ class TelemetryClient:
                     log.exception("telemetry worker cycle failed (will retry)")
             if stopping:
                 return
-            self._wake.wait(self._tick_s)
+            self._wake.wait(self._tick_s if self._busy() else POLICY_PERIOD_S)
             self._wake.clear()
+            self._idle = False
+
+    def _busy(self) -> bool:
+        """Whether the next tick has work; if not, the worker sleeps until woken (or 1 s).
+
+        ``_idle`` is raised *before* the checks: a record queued after the queue check sees it
+        and wakes the worker (see :meth:`record`), so nothing waits a whole idle period.
+        """
+        self._idle = True
+        busy = bool(
+            len(self._queue) or self._unstored or self._inflight or self._unacked_deletes
+            or self._acks or self._inbox or self._ram_drops.n or self._drops_pending
+            or self._store.count or self._rebirth or self._generation != self._seen_generation
+        )  # fmt: skip
+        self._idle = not busy
+        return busy
 
     def _cycle(self, publish: bool) -> None:
         now = time.time()
@@ -374,10 +392,10 @@ class TelemetryClient:
         try:
             self._housekeeping(_drain(self._acks), now)  # the bound sees the rows just stored
         finally:  # stored rows keep flowing even while deletes fail
-            if publish and self._connected:
+            upto = self._committed_upto if stored_upto is None else stored_upto
+            if publish and self._connected and self._sent_hi < upto:
                 self._publish_due(now)
-            if stored_upto is not None:
-                self._committed_upto = stored_upto
+            self._committed_upto = upto
 
     def _housekeeping(self, acks: list[tuple[int, bool]], now: float) -> None:
         """One transaction: delete acknowledged rows, size bound, TTL, drop reports.
@@ -387,6 +405,8 @@ class TelemetryClient:
         for deletion (nothing acknowledged is ever forgotten) and the cycle is retried.
         """
         self._apply_acks(acks)  # in memory: frees in-flight slots even if the delete fails
+        if not self._housekeeping_due(now):
+            return
         saved = (dict(self._counters), self._drops_pending, self._last_policy, self._last_report)
         events: list[tuple[str, dict[str, Any]]] = []
         self._store.begin()
@@ -406,6 +426,25 @@ class TelemetryClient:
         for event in events:
             self._queue.put(RecordKind.EVENT, now, event)
 
+    def _housekeeping_due(self, now: float) -> bool:
+        """Whether :meth:`_housekeeping` has anything to write.
+
+        An idle client (nothing acknowledged, under its bound, nothing to expire or report)
+        opens no write transaction: a tick is then a few reads, not a commit.
+        """
+        if self._unacked_deletes or self._ram_drops.n:
+            return True
+        if self._store.telemetry_count > self.config.max_records:
+            return True
+        if self._drops_pending and self._connected and now - self._last_report >= POLICY_PERIOD_S:
+            return True
+        if now - self._last_policy < POLICY_PERIOD_S:
+            return False
+        if self._store.count or self._store.has_nonces():
+            return True
+        self._last_policy = now  # an empty outbox and no nonces: nothing can expire
+        return False
+
     def _store_queued(self, force: bool = False) -> int | None:
         """Encode what the control loop queued (once) and insert it, in chunks, if there is room.
 
@@ -414,8 +453,10 @@ class TelemetryClient:
         wait (the last cycle before closing). Returns the highest sequence number stored.
         """
         self._unstored.extend(self._encode(item) for item in self._queue.take())
-        self._bound_unstored()
-        if not self._unstored or (not force and time.monotonic() < self._store_retry_at):
+        if not self._unstored:
+            return None
+        if not force and time.monotonic() < self._store_retry_at:
+            self._bound_unstored()  # bounded only while they cannot be stored, never for lag
             return None
         stored_upto = None
         while self._unstored:
@@ -426,6 +467,7 @@ class TelemetryClient:
                 self._counters["store_failures"] += 1
                 self._store_retry_at = time.monotonic() + self.config.store_retry_s
                 self._reserve_unstored()
+                self._bound_unstored()
                 return stored_upto
             for _ in chunk:
                 self._unstored.popleft()

@@ -81,6 +81,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--fleet-seconds", type=float, default=60.0, help="fleet run duration (s)")
     p.add_argument("--processes", type=int, default=4, help="processes hosting the fleet")
     p.add_argument("--skip-fleet", action="store_true", help="skip the fleet run")
+    p.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=5.0,
+        help="seconds per rate of the worker-CPU run (idle, 20 Hz, 100 Hz)",
+    )
     p.set_defaults(handler=cmd_bench)
 
     p = bench.add_parser("fleet", help="fleet backend: PostgreSQL collectors, a killed collector, "
@@ -257,7 +263,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         records=args.records, latency_seconds=args.latency_seconds, devices=args.devices,
         fleet_rate_hz=args.fleet_rate, fleet_seconds=args.fleet_seconds,
-        processes=args.processes, fleet=not args.skip_fleet,
+        processes=args.processes, fleet=not args.skip_fleet, cpu_seconds=args.cpu_seconds,
     )  # fmt: skip
     result = run_bench(opts, progress=not args.json)
     print(json.dumps(result, indent=None if args.json else 2))

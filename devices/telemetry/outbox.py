@@ -151,6 +151,7 @@ class OutboxStore:
             conn.execute("SELECT COUNT(*) FROM outbox WHERE kind = 0").fetchone()[0]
         )
         self._saved_counts = (self.count, self.telemetry_count)
+        self.commits = 0  # write transactions committed through this handle
 
     @classmethod
     def open(cls, path: str | Path, sync: Sync = "normal", min_free_bytes: int = 0) -> OutboxStore:
@@ -194,6 +195,7 @@ class OutboxStore:
     def commit(self) -> None:
         """Commit the current transaction: from here on its records survive ``kill -9``."""
         self._db.execute("COMMIT")
+        self.commits += 1
 
     def rollback(self) -> None:
         """Abandon the current transaction (if any) and the counter changes made in it."""
@@ -348,6 +350,10 @@ class OutboxStore:
             self._db.execute("SELECT 1 FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
             is not None
         )
+
+    def has_nonces(self) -> bool:
+        """Whether any command nonce is recorded (the TTL policy then has work)."""
+        return self._db.execute("SELECT 1 FROM nonces LIMIT 1").fetchone() is not None
 
     def nonce_add(self, nonce: str, expires: float) -> None:
         """Remember an accepted nonce until its command's expiry (unix s)."""
