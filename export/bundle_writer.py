@@ -73,7 +73,7 @@ class ExportOptions:
     int8: bool = False
     trt: bool = False
     opset: int = DEFAULT_OPSET
-    calibration_tasks: int = 64
+    calibration_tasks: int = 64  # train tasks rolled out for OOD thresholds and test vectors
     force: bool = False
 
 
@@ -128,7 +128,7 @@ def _build(
         }
     adaptation = family.adaptation(run, None)
     draft = _manifest(run, adaptation, graphs, {}, _placeholder_ood(), options, profile)
-    recording = _calibration_recording(draft, tmp, run)
+    recording = _calibration_recording(draft, tmp, run, options.calibration_tasks)
     adaptation = family.adaptation(run, recording)  # a fitted summary needs the rollouts
     ood = OODSpec(**ood_thresholds(recording))
     vector_inputs = _vector_inputs(recording, run, dims)

@@ -26,6 +26,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--trt", action="store_true", help="prefer TensorRT -> CUDA -> CPU on the device (FP16)"
     )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument(
+        "--calibration-tasks",
+        type=int,
+        default=64,
+        help="train tasks rolled out to calibrate the OOD thresholds (at most; fewer when the "
+        "recording would exceed its memory budget)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(handler=cmd_export)
@@ -47,6 +54,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 def cmd_export(args: argparse.Namespace) -> int:
     from runtime.errors import ConfigError
 
+    if args.calibration_tasks < 1:
+        raise ConfigError(f"--calibration-tasks {args.calibration_tasks}: need at least 1")
     if args.opset < 17:
         raise ConfigError(f"--opset {args.opset}: bundles need opset >= 17")
     from export.bundle_writer import ExportOptions, export_bundle
@@ -57,6 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         int8=args.int8,
         trt=args.trt,
         opset=args.opset,
+        calibration_tasks=args.calibration_tasks,
         force=args.force,
     )
     res = export_bundle(args.run_dir, args.out, opts)

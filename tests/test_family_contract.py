@@ -180,6 +180,10 @@ def test_the_bundle_declares_its_state_and_the_runtime_pairs_it_by_name(algo, tm
     for spec in declared:
         np.testing.assert_array_equal(agent.state[spec.name][0], spec.initial(agent.bundle_dir))
     assert agent.summary.algorithm == algo
+    run_dir, _ = trained(algo, tmp_path_factory)
+    run = load_run(run_dir)  # ExportOptions(calibration_tasks=8): 8 train tasks were recorded
+    rows = 8 * run.config.eval.episodes * run.family.spec.horizon
+    assert agent.manifest.provenance["calibration"]["rows"] == rows
 
 
 def test_an_unknown_family_runs_through_the_generic_declaration(tmp_path_factory, tmp_path):
