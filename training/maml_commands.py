@@ -1,4 +1,6 @@
-"""Command line for MAML runs until ``edgeadapt train``/``evaluate`` dispatch on ``algo``.
+"""Research command line for MAML runs (``edgeadapt train``/``evaluate`` run MAML like any
+family; this keeps the knobs the docs/maml.md tables were measured with: ``--adaptations``,
+``--episodes-per-step``).
 
     python -m training.maml_commands train configs/maml/nav2d.yaml [--out runs/maml-nav2d]
         [--set key=value ...] [--resume]
