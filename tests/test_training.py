@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.errors import ConfigError
 from runtime.evaluation import held_out_tasks, rollout
 from runtime.tasks import make_family
 from training.checkpoint import load_run
@@ -101,39 +100,6 @@ def test_learning_happens_on_point_nav(tmp_path: Path) -> None:
     state = train(cfg, tmp_path / "run", progress=False)
     final = state.history[-1]["eval_return_ep1"]
     assert final > -10.0, f"no learning: eval return {final} (random policy scores about -20)"
-
-
-def test_oracle_uniform_exploration_acts_on_random_tasks_only_when_exploring() -> None:
-    """``oracle.explore: uniform``: exploration episodes act on a fresh task vector from the
-    normalized train box each episode; adaptation episodes (and the default) on the true one."""
-    from training.agent import normalize_task
-    from training.collect import MODES
-    from training.policy import OraclePolicy
-
-    state = init_state(tiny_config("oracle", oracle={"explore": "uniform"}))
-    tasks = state.train_tasks[:4]
-    true = normalize_task(tasks, state.spec)
-
-    def z_after_resample(mode: str, explore: str) -> list[np.ndarray]:
-        gen = torch.Generator().manual_seed(0)
-        dim = state.spec.task_dim
-        policy = OraclePolicy(state.nets, state.spec, dim, generator=gen, explore=explore,
-                              **MODES[mode])  # fmt: skip
-        policy.begin_task(tasks)
-        out = []
-        for _ in range(2):  # two episodes
-            policy.resample()
-            out.append(policy.z.copy())
-        return out
-
-    first, second = z_after_resample("prior", "uniform")
-    assert np.all(np.abs(first) <= 1.0) and not np.allclose(first, true, atol=0.05)
-    assert not np.allclose(first, second)  # a new draw per episode
-    for mode, explore in (("online", "uniform"), ("prior", "task")):
-        for z in z_after_resample(mode, explore):
-            np.testing.assert_array_equal(z, true)
-    with pytest.raises(ConfigError, match=r"oracle\.explore"):
-        tiny_config("oracle", oracle={"explore": "prior"})
 
 
 def test_save_load_gives_identical_deterministic_actions(tiny_run: Path) -> None:

@@ -54,10 +54,9 @@ def collect_shard(
         load_weights(nets.encoder, weights["encoder"])
     rng, gen = shard_generators(job)
     cls = OraclePolicy if is_oracle(cfg) else PearlPolicy
-    extra = {"explore": cfg.oracle.explore} if is_oracle(cfg) else {}
     policy = cls(
         nets, env.spec, policy_latent_dim(cfg, env.spec), cfg.model.prior_var, cfg.pearl.forget,
-        generator=gen, **MODES[job.mode], **extra,
+        generator=gen, **MODES[job.mode],
     )  # fmt: skip
     return collect_episodes(policy, env, job.tasks, job.episodes, rng)
 

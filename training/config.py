@@ -217,19 +217,6 @@ class PearlConfig(RunConfig):
     train: TrainLoopConfig = TrainLoopConfig()
 
 
-class OracleSection(_Section):
-    explore: Literal["task", "uniform"] = Field(
-        "task",
-        description=(
-            "what the oracle acts on in its exploration episodes (train.episodes_prior): "
-            "'task': the true task, like every other episode; 'uniform': a task vector drawn "
-            "uniformly from the normalized train box per episode (as PEARL's exploration "
-            "episodes act at a latent drawn from the prior), so the buffer also holds flights "
-            "with a wrong feedforward, labelled with the true task"
-        ),
-    )
-
-
 class OracleConfig(PearlConfig):
     """The privileged oracle: PEARL's SAC loop with the true (normalized) task vector in place
     of z. It scores what perfect task knowledge is worth (the 1 of normalized scores) and
@@ -237,7 +224,6 @@ class OracleConfig(PearlConfig):
     encoder settings are ignored; ``pearl.meta_batch`` still sets the tasks per update."""
 
     algo: Literal["oracle"] = "oracle"
-    oracle: OracleSection = OracleSection()
 
 
 #: The PEARL config under the name it had when PEARL was the only algorithm.

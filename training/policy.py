@@ -6,8 +6,6 @@ The belief is kept in natural parameters with the *same* numpy code the device r
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -114,16 +112,7 @@ class PearlPolicy:
 
 
 class OraclePolicy(PearlPolicy):
-    """Privileged oracle: the normalized true task vector replaces the latent.
-
-    ``explore="uniform"``: in exploration episodes (``z_mode="sample"``) it acts on a task
-    vector drawn uniformly from the normalized train box [-1, 1]^K per episode instead of the
-    true one (``OracleConfig.oracle.explore``); deterministic deployment is unaffected.
-    """
-
-    def __init__(self, *args: Any, explore: str = "task", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.explore = explore
+    """Privileged oracle: the normalized true task vector replaces the latent."""
 
     def begin_task(self, tasks_BK: np.ndarray) -> None:
         self.tasks = tasks_BK
@@ -134,10 +123,7 @@ class OraclePolicy(PearlPolicy):
         self.begin_task(tasks_BK)
 
     def resample(self) -> None:
-        """Exploration episodes with ``explore="uniform"``: a random task vector per episode."""
-        if self.explore == "uniform" and self.z_mode == "sample":
-            u = torch.rand(self.z.shape, generator=self.generator).numpy()
-            self.z = (2.0 * u - 1.0).astype(np.float32)
+        return None
 
     def observe(self, obs_BO, action_BA, reward_B, next_obs_BO, done_B=False) -> None:
         return None
