@@ -24,7 +24,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--change-task", help="task vector after the change, comma-separated")
     p.add_argument("--rate", type=float, help="control rate in Hz (default: the profile's)")
     p.add_argument("--fast", action="store_true", help="do not sleep to the control period")
-    p.add_argument("--safe", default="prior", choices=["prior", "hold", "zeros"])
+    p.add_argument(
+        "--safe",
+        default="last_calm",
+        choices=["last_calm", "prior", "hold", "zeros"],
+        help="actions in safe mode: the policy at the last calm state (default), at the initial "
+        "state (prior), the last action (hold) or physical zero",
+    )
     p.add_argument("--forget", type=float, help="belief forgetting factor in (0, 1]")
     p.add_argument("--changepoint", default="off", choices=["off", "reset"])
     p.add_argument("--broker", help="mqtt:// or mqtts:// URL; telemetry goes through the outbox")

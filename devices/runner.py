@@ -4,10 +4,15 @@ Each control period: read the (simulated) sensors, absorb the last transition in
 act, step the plant, report telemetry through the persisted outbox, and check the deadline.
 
 - **Safe mode**: an OOD alarm (or a ``set-mode safe`` command) switches the actions to a safe
-  behaviour (``prior``: the same policy at the prior belief, i.e. the non-adaptive policy;
-  ``hold``: repeat the last action; ``zeros``: physical zero clipped to the bounds). The belief
-  keeps updating, so the device returns to adaptive mode by itself once the alarm clears
-  (after ``clear_steps`` calm steps) unless safe mode was commanded.
+  behaviour (``last_calm``, the default: the same policy with the adaptation state held at its
+  value after the last calm transition, one whose surprise was below the warn level, i.e. the
+  last state the monitor found in-distribution; the initial state before any calm step;
+  ``prior``: the policy at the initial state, i.e. the non-adaptive policy; ``hold``: repeat
+  the last action; ``zeros``: physical zero clipped to the bounds). Every family declares its
+  state by name, so ``last_calm`` holds a PEARL belief, an RL² hidden state or MAML's adapted
+  weights alike. The adaptive state keeps updating, so the device returns to adaptive mode by
+  itself once the alarm clears (after ``clear_steps`` calm steps) unless safe mode was
+  commanded.
 - **Task changes**: ``change_at`` switches the plant's task mid-episode (the wind shifts); the
   belief tracks it through the bundle's forgetting factor or a change-point reset.
 - **Commands** arrive on the telemetry client's worker thread and are queued; the loop applies
@@ -42,7 +47,7 @@ from runtime.tasks import make_family
 
 log = logging.getLogger(__name__)
 
-SafeBehaviour = Literal["prior", "hold", "zeros"]
+SafeBehaviour = Literal["last_calm", "prior", "hold", "zeros"]
 
 
 class Mode(IntEnum):
@@ -65,7 +70,7 @@ class RunnerOptions:
     change_task: np.ndarray | None = None  #: the task after the change (default: sampled)
     rate_hz: float | None = None  #: control rate (default: the device profile's)
     realtime: bool = True  #: sleep to the control period; False: as fast as possible
-    safe: SafeBehaviour = "prior"
+    safe: SafeBehaviour = "last_calm"
     clear_steps: int = 10  #: calm steps before leaving an OOD-triggered safe mode
     forget: float | None = None  #: belief forgetting factor (default: the bundle's)
     changepoint: Literal["off", "reset"] = "off"
@@ -117,9 +122,12 @@ class Trace:
             del getattr(self, name)[:-keep]
 
     def summary(self) -> dict[str, Any]:
+        """Counts, latencies and returns; with ``tracking_error_cm_by_episode`` (the mean true
+        distance to the reference per episode, cm) for families that track one."""
         lat = np.asarray(self.latency_us) if self.latency_us else np.zeros(1)
         kinds = collections.Counter(e["type"] for e in self.events)
         return {
+            **self._tracking_summary(),
             "steps": len(self.reward),
             "episodes": len(self.returns),
             "returns": [round(r, 3) for r in self.returns],
@@ -130,6 +138,14 @@ class Trace:
             "events": dict(kinds),
             "stopped_early": self.stopped_early,
         }
+
+    def _tracking_summary(self) -> dict[str, list[float]]:
+        cm = 100.0 * np.asarray(self.tracking_error_m, dtype=np.float64)
+        if not len(cm) or not np.isfinite(cm).all():
+            return {}
+        episode = np.asarray(self.episode)
+        by_episode = [round(float(cm[episode == e].mean()), 2) for e in np.unique(episode)]
+        return {"tracking_error_cm_by_episode": by_episode}
 
 
 class FieldRunner:
@@ -166,11 +182,14 @@ class FieldRunner:
         providers = self.profile.execution_providers
         cfg = replace(base, forget=opts.forget, changepoint=opts.changepoint)
         self.agent = Agent(manifest, self.bundle, providers, cfg)
-        self.prior_agent = (
+        # The safe policy: the same graphs with a state that never adapts (the initial one, or
+        # the last calm state loaded when safe mode starts).
+        self.safe_agent = (
             Agent(manifest, self.bundle, providers, replace(base, adaptive=False))
-            if opts.safe == "prior"
+            if opts.safe in ("prior", "last_calm")
             else None
         )
+        self._calm_state: dict[str, np.ndarray] | None = None  # last_calm: the held state
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> Trace:
@@ -193,6 +212,7 @@ class FieldRunner:
             rng = np.random.default_rng(self.opts.seed)
             for k, task in enumerate(self._tasks(rng)):
                 self.agent.reset()
+                self._forget_calm_state()
                 # The plant's task: a mid-run change (``change_at``) persists into the
                 # following episodes, as a wind shift would.
                 self._task = np.asarray(task, dtype=np.float64)
@@ -241,15 +261,28 @@ class FieldRunner:
         """The adaptive agent always absorbs evidence; safe mode only replaces the action."""
         action = self.agent.step(obs, reward)
         self._handle_agent_events()
-        if self.mode is Mode.SAFE:
-            if self.prior_agent is not None:  # the policy at the prior: never adapts
-                action = self.prior_agent.act_scaled(obs)
+        if self.mode is Mode.ADAPTIVE:
+            self._remember_calm_state()
+        else:
+            if self.safe_agent is not None:  # a state that never adapts (module docstring)
+                action = self.safe_agent.act_scaled(obs)
             elif self.opts.safe == "zeros":
                 low, high = self.agent._act_low, self.agent._act_high
                 action = np.clip(np.zeros_like(low), low, high)
             elif self.trace.action:
                 action = np.asarray(self.trace.action[-1], dtype=np.float32)
         return action
+
+    def _remember_calm_state(self) -> None:
+        """``last_calm``: keep a copy of the state after a transition below the warn level."""
+        if self.opts.safe == "last_calm" and self.agent.ood_score < self.agent.manifest.ood.warn:
+            self._calm_state = self.agent.state
+
+    def _forget_calm_state(self) -> None:
+        """A new task (or a state reset): the safe policy's state back to the initial one."""
+        self._calm_state = None
+        if self.safe_agent is not None:
+            self.safe_agent.reset_state()
 
     def _wait(self, next_tick: float, period: float) -> float:
         """Sleep to the next tick in real-time mode; count a missed deadline either way."""
@@ -283,6 +316,8 @@ class FieldRunner:
             return
         self.mode = mode
         self.calm = 0
+        if mode is Mode.SAFE and self.safe_agent is not None and self._calm_state is not None:
+            self.safe_agent.load_state(self._calm_state)
         self._event(
             "mode_change", {"mode": mode.name.lower(), "reason": reason, "step": self._step}
         )
@@ -292,6 +327,7 @@ class FieldRunner:
             cmd = self._commands.popleft()
             if cmd.name in ("reset-state", "reset-belief"):
                 self.agent.reset_state()
+                self._forget_calm_state()
                 self._event("state_reset", {"reason": "command", "step": self._step})
             elif cmd.name == "set-mode":
                 self.commanded_safe = cmd.args.get("mode") == "safe"

@@ -409,6 +409,26 @@ class Agent:
         self._ood_raised = self.monitor.raised()
         self._cache_key = None  # cached actions were for the old state
 
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Set every agent's adaptation state to ``state`` (declared name -> array shaped like
+        :attr:`state`, e.g. a copy taken earlier); counters and events are kept. A missing or
+        unknown name, a wrong shape or a non-finite value raises :class:`InputError`."""
+        names = {slot.name for slot in self._slots}
+        if set(state) != names:
+            raise InputError(
+                f"state: expected the names {sorted(names)}, got {sorted(map(str, state))}"
+            )
+        for slot in self._slots:
+            value = np.asarray(state[slot.name])
+            if value.shape != slot.step_in.shape or not np.isfinite(value).all():
+                raise InputError(
+                    f"state[{slot.name!r}]: expected finite values of shape "
+                    f"{slot.step_in.shape}, got shape {value.shape}"
+                )
+        for slot in self._slots:
+            slot.step_in[...] = state[slot.name]
+        self._cache_key = None  # cached actions were for the old state
+
     def self_test(self, steps: int = 200) -> SelfTestReport:
         """Run the bundle's test vectors through this agent's graph and time ``steps`` steps
         (on a separate single agent, so this agent's state is untouched)."""

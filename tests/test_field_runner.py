@@ -84,6 +84,34 @@ def test_set_mode_command_switches_to_safe_behaviour_and_back(device_root: Path)
     assert np.all(runner.run().arrays()["mode"][20:] == 0)
 
 
+def test_last_calm_safe_mode_holds_the_state_of_the_last_calm_step(device_root: Path) -> None:
+    """Safe mode (``last_calm``, the default) acts with the adaptive state held at its value
+    before safe mode began, not the initial one, while the adaptive state keeps updating; a new
+    task brings the held state back to the initial one."""
+    runner = FieldRunner(RunnerOptions(device_root, tasks=2, episodes=1, realtime=False))
+    horizon, calm, safe = runner.env.spec.horizon, 8, 6
+    steps = runner.steps()
+    for _ in range(calm):
+        next(steps)
+    assert runner.agent.ood_score < runner.agent.manifest.ood.warn  # the last step was calm
+    before = runner.agent.state
+    runner._on_command(_command("set-mode", mode="safe"))
+    for _ in range(safe):
+        next(steps)
+    initial = {s.name: s.initial(runner.bundle)[None] for s in runner.agent.adaptation.state}
+    held = runner.safe_agent.state
+    for name, value in before.items():
+        np.testing.assert_array_equal(held[name], value)
+        assert not np.array_equal(value, initial[name])  # not the prior
+        assert not np.array_equal(runner.agent.state[name], value)  # adaptation goes on
+    assert runner.trace.mode == [0] * calm + [1] * safe
+    for _ in range(horizon - calm - safe + 1):  # the first step of the second task
+        next(steps)
+    for name, value in runner.safe_agent.state.items():
+        np.testing.assert_array_equal(value, initial[name])
+    steps.close()
+
+
 def test_reset_belief_command_returns_the_belief_to_the_prior(device_root: Path) -> None:
     runner = FieldRunner(RunnerOptions(device_root, episodes=1, realtime=False))
     runner.run()

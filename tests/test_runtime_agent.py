@@ -383,6 +383,36 @@ def test_non_adaptive_agent_never_updates(bundle):
     assert agent.belief.count == 0
 
 
+def test_load_state_gives_another_agent_the_same_state_and_actions(bundle):
+    """A non-adaptive agent loaded with an adapted agent's state acts like it (the field
+    runner's ``last_calm`` safe mode), and keeps that state while the other adapts on."""
+    adapted, held = make_agent(bundle), make_agent(bundle, adaptive=False)
+    feed(adapted, transitions(30))
+    obs = np.array([0.3, -0.2], dtype=np.float32)
+    assert not np.array_equal(held.act(obs), adapted.act(obs))  # the prior acts otherwise
+    held.load_state(adapted.state)
+    np.testing.assert_array_equal(held.act(obs), adapted.act(obs))
+    snapshot = adapted.state
+    feed(adapted, transitions(30, seed=1))
+    feed(held, transitions(30, seed=1))
+    for name, value in held.state.items():
+        np.testing.assert_array_equal(value, snapshot[name])
+
+
+def test_load_state_refuses_wrong_names_shapes_and_nonfinite_values(bundle):
+    agent = make_agent(bundle)
+    good = agent.state
+    name = next(iter(good))
+    with pytest.raises(InputError, match="expected the names"):
+        agent.load_state({**good, "extra": good[name]})
+    with pytest.raises(InputError, match=f"state\\['{name}'\\]: expected finite values of shape"):
+        agent.load_state({**good, name: good[name][..., :1]})
+    with pytest.raises(InputError, match="finite"):
+        agent.load_state({**good, name: np.full_like(good[name], np.nan)})
+    for key, value in agent.state.items():  # nothing was written
+        np.testing.assert_array_equal(value, good[key])
+
+
 def test_same_seed_same_numbers(bundle):
     a, b = make_agent(bundle), make_agent(bundle)
     feed(a, transitions(20))
