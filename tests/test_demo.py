@@ -71,8 +71,7 @@ def test_demo_compares_tracking_error_with_classical_controllers_and_the_oracle(
 def test_demo_flies_drone_track_where_the_family_has_a_config() -> None:
     from training.demo import env_for
 
-    assert env_for("pearl") == env_for("rl2") == "drone-track"
-    assert env_for("maml") == "drone-wind"  # no MAML drone-track config
+    assert env_for("pearl") == env_for("rl2") == env_for("maml") == "drone-track"
 
 
 def test_demo_telemetry_arrived_complete(demo_out: Path) -> None:

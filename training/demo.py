@@ -71,12 +71,14 @@ QUICK: dict[str, list[str]] = {
 #: Overrides of the full demo's training budget per env, so that `make demo` (the oracle and
 #: PEARL side by side on 2 cores) aims at 10 minutes. drone-track: 200 of the configs' 300
 #: iterations (measured: 4.6-5.9 cm instead of 1.9-2.7 cm at the Neural-Fly speeds; README "Two
-#: commands"); RL² 100 of 150 (not measured). drone-wind: the default configs (150 each).
+#: commands"); RL² and MAML 100 of 150 (the demo not timed; MAML's 150 took 637 s at load 4-5).
+#: drone-wind: the default configs (150 each).
 FULL_BUDGET: dict[str, dict[str, list[str]]] = {
     "drone-track": {
         "oracle": ["train.iterations=200"],
         "pearl": ["train.iterations=200"],
         "rl2": ["train.iterations=100"],
+        "maml": ["train.iterations=100"],
     },
     "drone-wind": {},
 }
