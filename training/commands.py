@@ -273,6 +273,11 @@ def format_report(r: dict) -> str:
             row("return (adaptive)", r["return_by_episode"]),
             row("normalized (adaptive)", r["normalized_by_episode"]),
             *([row("success rate (adaptive)", success)] if success is not None else []),
+            *(
+                [row("  ...at the last step", r["final_success_by_episode"])]
+                if r.get("final_success_by_episode") is not None
+                else []
+            ),
             row("return (non-adaptive)", r["nonadaptive_return_by_episode"]),
             row("normalized (non-adaptive)", r["nonadaptive_normalized_by_episode"]),
             *(
