@@ -69,10 +69,12 @@ class RandomPolicy:
 @dataclass
 class RolloutResult:
     """Per-episode returns: ``returns_TE[t, e]`` for task t, episode e; ``success_TE`` (1 when
-    any step of the episode was a success) for families with a success criterion."""
+    any step of the episode was a success) and ``final_success_TE`` (1 when its last step was)
+    for families with a success criterion."""
 
     returns_TE: np.ndarray
     success_TE: np.ndarray | None = None
+    final_success_TE: np.ndarray | None = None
 
     @property
     def by_episode(self) -> list[float]:
@@ -84,6 +86,15 @@ class RolloutResult:
         if self.success_TE is None:
             return None
         return [float(x) for x in self.success_TE.mean(axis=0)]
+
+    @property
+    def final_success_by_episode(self) -> list[float] | None:
+        """Rate of tasks whose episode *ended* in success, per episode index (None without a
+        success criterion): below ``success_by_episode`` when episodes pass through success
+        and leave it."""
+        if self.final_success_TE is None:
+            return None
+        return [float(x) for x in self.final_success_TE.mean(axis=0)]
 
     def eval_row(self) -> dict[str, float]:
         """Training-log metrics: ``eval_return_ep<i>`` per episode (1-based), and
@@ -122,6 +133,7 @@ def rollout(
     policy.begin_task(tasks_BK)
     returns = np.zeros((len(tasks_BK), episodes))
     success: np.ndarray | None = None
+    final: np.ndarray | None = None
     for ep in range(episodes):
         obs = env.reset(tasks_BK, rng)
         policy.begin_episode()
@@ -134,9 +146,11 @@ def rollout(
             returns[:, ep] += res.reward
             if res.success is not None:
                 success = np.zeros_like(returns) if success is None else success
+                final = np.zeros_like(returns) if final is None else final
                 success[:, ep] = np.maximum(success[:, ep], res.success)
+                final[:, ep] = res.success
             obs = res.obs
-    return RolloutResult(returns, success)
+    return RolloutResult(returns, success, final)
 
 
 @dataclass
@@ -160,6 +174,9 @@ class EvalReport:
     #: The same for the non-adaptive reference, and the random policy's one-episode rate.
     nonadaptive_success_by_episode: list[float] | None = None
     random_success: float | None = None
+    #: Fraction of tasks whose episode's *last* step was a success (adaptive policy), per
+    #: episode index: how many episodes end inside the success region, not only visit it.
+    final_success_by_episode: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,4 +234,5 @@ def meta_test(
         success_by_episode=res.success_by_episode,
         nonadaptive_success_by_episode=res_fixed.success_by_episode,
         random_success=None if rand.success_by_episode is None else rand.success_by_episode[0],
+        final_success_by_episode=res.final_success_by_episode,
     )

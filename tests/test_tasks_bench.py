@@ -157,9 +157,24 @@ def test_ml1_reports_success_rate_per_episode() -> None:
         def act(self, obs_BO):
             return np.zeros((len(obs_BO), 4))
 
+    class Visitor(GoalKnower):
+        """Reaches the goal, then leaves it for good after 200 steps (of 500)."""
+
+        def begin_episode(self):
+            self.t = 0
+
+        def act(self, obs_BO):
+            self.t += 1
+            move = super().act(obs_BO)
+            return move if self.t <= 200 else -move
+
     tasks = held_out_tasks(make_family("ml1-reach", 1), "test", 2, seed=0)
     report = meta_test(GoalKnower(), Still(), "ml1-reach", tasks, 1, 0, "test", None)
     assert report.success_by_episode == [1.0]
+    assert report.final_success_by_episode == [1.0]  # it stays at the goal
+    visit = meta_test(Visitor(), Still(), "ml1-reach", tasks, 1, 0, "test", None)
+    assert visit.success_by_episode == [1.0]  # success at any step, Meta-World's metric
+    assert visit.final_success_by_episode == [0.0]  # ...but no episode ends there
     assert report.nonadaptive_success_by_episode == [0.0]  # standing still reaches no goal
     assert report.random_success is not None and report.random_success < 1.0
     assert report.return_by_episode[0] > report.nonadaptive_return_by_episode[0] + 500

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from runtime.plugins import add_plugin_arg
+from runtime.tasks.commands import param_arg
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -54,6 +55,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     add_plugin_arg(p)
     p.add_argument("path", help="run directory (torch) or bundle directory (onnxruntime)")
     _protocol_args(p)
+    p.add_argument(
+        "--param", action="append", default=[], type=param_arg, metavar="NAME=VALUE",
+        help="set an adaptation param of the adaptive agent (PEARL: forget=0.99 discounts "
+        "old evidence); repeatable",
+    )  # fmt: skip
     p.set_defaults(handler=cmd_evaluate)
 
     p = bench.add_parser(
@@ -228,7 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from training.evaluate import evaluate_run
 
-        report = evaluate_run(path, args.split, args.episodes, args.tasks, args.seed, args.oracle)
+        report = evaluate_run(
+            path, args.split, args.episodes, args.tasks, args.seed, args.oracle, dict(args.param)
+        )
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -237,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_bundle(path: Path, args: argparse.Namespace):
-    from runtime.agent import evaluate_bundle
+    from runtime.agent import AgentConfig, evaluate_bundle
 
     oracle_return = None
     if args.oracle:
@@ -253,7 +261,10 @@ def _evaluate_bundle(path: Path, args: argparse.Namespace):
         tasks = held_out_tasks(make_family(env), args.split, n, args.seed)
         oracle_return = oracle_return_on(args.oracle, env, tasks, args.seed)
     # tasks and episodes default to the run's eval settings recorded in the manifest
-    return evaluate_bundle(path, args.split, args.tasks, args.episodes, args.seed, oracle_return)
+    config = AgentConfig(params=dict(args.param))
+    return evaluate_bundle(
+        path, args.split, args.tasks, args.episodes, args.seed, oracle_return, config=config
+    )
 
 
 def format_report(r: dict) -> str:
@@ -273,6 +284,11 @@ def format_report(r: dict) -> str:
             row("return (adaptive)", r["return_by_episode"]),
             row("normalized (adaptive)", r["normalized_by_episode"]),
             *([row("success rate (adaptive)", success)] if success is not None else []),
+            *(
+                [row("  ...at the last step", r["final_success_by_episode"])]
+                if r.get("final_success_by_episode") is not None
+                else []
+            ),
             row("return (non-adaptive)", r["nonadaptive_return_by_episode"]),
             row("normalized (non-adaptive)", r["nonadaptive_normalized_by_episode"]),
             *(

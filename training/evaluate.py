@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import CheckpointError
+from runtime.configio import apply_override
+from runtime.errors import CheckpointError, ConfigError
 from runtime.evaluation import AdaptivePolicy, EvalReport, held_out_tasks, meta_test, rollout
 from runtime.tasks import make_family
 from training.checkpoint import LoadedRun, load_run
-from training.registry import entry_of
+from training.registry import entry_of, validate_run_config
 
 
 def evaluate_run(
@@ -20,9 +22,12 @@ def evaluate_run(
     tasks: int | None = None,
     seed: int = 0,
     oracle_run: str | Path | None = None,
+    params: dict[str, float] | None = None,
 ) -> EvalReport:
-    """Run the adaptation protocol on held-out tasks and report per-episode returns."""
+    """Run the adaptation protocol on held-out tasks and report per-episode returns
+    (``params``: adaptation params set for this evaluation, e.g. PEARL's ``forget``)."""
     run, episodes, task_set = load_protocol(run_dir, split, episodes, tasks, seed)
+    run = with_params(run, params or {})
     oracle_return = oracle_return_for(run, oracle_run, task_set, seed)
     return meta_test(
         policy_for(run, adaptive=True),
@@ -35,6 +40,25 @@ def evaluate_run(
         oracle_return,
         source=str(run_dir),
     )
+
+
+def with_params(run: LoadedRun, params: dict[str, float]) -> LoadedRun:
+    """The run with adaptation params set for evaluation: each name its algorithm declares
+    (:attr:`training.registry.Algorithm.params`) overrides its config key, validated as
+    there (PEARL's ``forget`` in (0, 1])."""
+    if not params:
+        return run
+    entry = entry_of(run.config)
+    raw = run.config.model_dump(mode="json")
+    for name, value in params.items():
+        if name not in entry.params:
+            declared = ", ".join(sorted(entry.params)) or "none"
+            raise ConfigError(
+                f"{run.run_dir}: {entry.label or entry.name} runs have no adaptation param "
+                f"{name!r}; they declare: {declared}"
+            )
+        apply_override(raw, f"{entry.params[name]}={value}")
+    return replace(run, config=validate_run_config(raw, source=f"{run.run_dir} --param"))
 
 
 def load_protocol(

@@ -15,7 +15,7 @@ Adding a family: a config class (``training/<algo>_config.py``), a training modu
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,6 +36,9 @@ class Algorithm:
     #: Reads the true task vector (the oracle): the 1 of normalized scores, never exported.
     privileged: bool = False
     label: str = ""
+    #: Adaptation params an evaluation of a run may set (``evaluate RUN --param NAME=VALUE``):
+    #: name -> the config key it overrides. The names are those the family's bundles declare.
+    params: dict[str, str] = field(default_factory=dict)
 
     def config_class(self) -> type[BaseModel]:
         mod, _, cls = self.config.partition(":")
@@ -62,7 +65,7 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "pearl": Algorithm(
         "pearl", "training.config:PearlConfig", "training.pearl", "export.pearl_export",
-        label="PEARL",
+        label="PEARL", params={"forget": "pearl.forget"},
     ),
     "oracle": Algorithm(
         "oracle", "training.config:OracleConfig", "training.pearl", None, privileged=True,

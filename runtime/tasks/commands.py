@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "flown as the row 'oracle', the reference of the targets (repeatable)",
     )  # fmt: skip
     t.add_argument(
-        "--param", action="append", default=[], type=_param, metavar="NAME=VALUE",
+        "--param", action="append", default=[], type=param_arg, metavar="NAME=VALUE",
         help="set a declared adaptation param of the bundles that declare it (PEARL: "
         "forget=0.9 forgets old evidence, for changing wind); repeatable",
     )  # fmt: skip
@@ -165,7 +165,8 @@ def _describe(spec) -> dict:
     }
 
 
-def _param(text: str) -> tuple[str, float]:
+def param_arg(text: str) -> tuple[str, float]:
+    """``--param NAME=VALUE`` (an adaptation param and its value), as an argparse type."""
     name, sep, value = text.partition("=")
     try:
         if not sep or not name:
