@@ -52,3 +52,19 @@ def test_max_minutes_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="max_minutes"):
         load_train_config(ROOT / "configs/pearl/point-nav.yaml", ["train.max_minutes=0"])
+
+
+def test_the_progress_bar_shows_the_budget_left(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under ``train.max_minutes`` the iteration total rarely ends the run: the bar says how
+    much of the wall-clock budget is left."""
+    from training.progress import Deadline, Progress
+
+    bar = Progress(True, 100_000, 0, "train", {"ret": ("return", "{:.1f}")})
+    bar.advance({"return": -3.25}, budget_left_s=90.0)
+    assert bar.bar is not None and bar.bar.postfix == "ret=-3.2, budget left=1.5 min"
+    bar.advance({"return": -3.0}, budget_left_s=None)  # no budget: nothing about it
+    assert bar.bar.postfix == "ret=-3.0"
+    bar.close()
+    assert "ret=-3.0" in capsys.readouterr().err
+    assert Deadline(None).left_s() is None
+    assert 0 < Deadline(2.0).left_s() <= 120.0

@@ -37,12 +37,15 @@ class Progress:
                 position=position,
             )  # fmt: skip
 
-    def advance(self, row: dict[str, Any]) -> None:
-        """One iteration done: show its metrics."""
+    def advance(self, row: dict[str, Any], budget_left_s: float | None = None) -> None:
+        """One iteration done: show its metrics (and the wall-clock budget left, if any: under
+        ``train.max_minutes`` the iteration total is rarely what ends the run)."""
         if self.bar is None:
             return
         shown = {label: fmt.format(row[key]) for label, (key, fmt) in self.postfix.items()
                  if key in row}  # fmt: skip
+        if budget_left_s is not None:
+            shown["budget left"] = f"{max(0.0, budget_left_s) / 60:.1f} min"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
@@ -62,6 +65,12 @@ class Deadline:
         self.limit_s = None if minutes is None else 60.0 * minutes
         self.start = time.perf_counter()
         self.reached = False
+
+    def left_s(self) -> float | None:
+        """Seconds of the budget left (None without a budget)."""
+        if self.limit_s is None:
+            return None
+        return self.limit_s - (time.perf_counter() - self.start)
 
     def check(self) -> bool:
         """True once the budget is spent (and from then on)."""
@@ -109,6 +118,6 @@ def run_loop(
         state.history.append(row)
         if state.iteration % train.checkpoint_every == 0:
             checkpoint(state, run_dir)
-        bar.advance(row)
+        bar.advance(row, deadline.left_s())
     checkpoint(state, run_dir)
     bar.close()
