@@ -209,7 +209,7 @@ def test_tiny_training_learns_checkpoints_and_resumes(tmp_path: Path) -> None:
 
 
 def test_configs_load_and_reject_unknown_keys() -> None:
-    for name in ("nav2d", "point-nav", "drone-wind", "car-friction"):
+    for name in ("nav2d", "point-nav", "drone-wind", "car-friction", "cheetah-vel"):
         cfg = load_maml_config(ROOT / "configs" / "maml" / f"{name}.yaml")
         assert cfg.algo == "maml" and cfg.env.name == name
     with pytest.raises(ConfigError, match="inner_lr"):

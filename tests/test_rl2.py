@@ -196,7 +196,7 @@ def test_non_finite_transition_is_not_absorbed(tmp_path: Path):
 
 
 def test_configs_load_and_reject_unknown_keys():
-    for name in ("point-nav", "drone-wind", "car-friction"):
+    for name in ("point-nav", "drone-wind", "car-friction", "cheetah-vel"):
         cfg = load_rl2_config(ROOT / "configs" / "rl2" / f"{name}.yaml")
         assert cfg.algo == "rl2" and cfg.env.name == name
         assert cfg.eval.oracle_run == f"runs/{name}-oracle"
