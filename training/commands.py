@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from runtime.plugins import add_plugin_arg
-from runtime.tasks.commands import param_arg
+from runtime.tasks.commands import add_param_arg
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -55,10 +55,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     add_plugin_arg(p)
     p.add_argument("path", help="run directory (torch) or bundle directory (onnxruntime)")
     _protocol_args(p)
-    p.add_argument(
-        "--param", action="append", default=[], type=param_arg, metavar="NAME=VALUE",
-        help="set an adaptation param of the adaptive agent (PEARL: forget=0.99 discounts "
-        "old evidence); repeatable",
+    add_param_arg(
+        p, "set an adaptation param of the adaptive agent (PEARL: forget=0.99 discounts old "
+        "evidence)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_evaluate)
 

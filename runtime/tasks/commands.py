@@ -63,10 +63,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         help="a drone-track privileged oracle run directory (torch, needs the train extra): "
         "flown as the row 'oracle', the reference of the targets (repeatable)",
     )  # fmt: skip
-    t.add_argument(
-        "--param", action="append", default=[], type=param_arg, metavar="NAME=VALUE",
-        help="set a declared adaptation param of the bundles that declare it (PEARL: "
-        "forget=0.9 forgets old evidence, for changing wind); repeatable",
+    add_param_arg(
+        t, "set a declared adaptation param of the bundles that declare it (PEARL: forget=0.9 "
+        "forgets old evidence, for changing wind)",
     )  # fmt: skip
     t.add_argument("--tasks", type=_positive, default=16, help="tasks per wind condition")
     t.add_argument("--episodes", type=_positive, default=2, help="episodes per task (10 s each)")
@@ -165,7 +164,15 @@ def _describe(spec) -> dict:
     }
 
 
-def param_arg(text: str) -> tuple[str, float]:
+def add_param_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable ``--param NAME=VALUE`` option (adaptation params; a list of pairs)."""
+    p.add_argument(
+        "--param", action="append", default=[], type=_param, metavar="NAME=VALUE",
+        help=f"{help_text}; repeatable",
+    )  # fmt: skip
+
+
+def _param(text: str) -> tuple[str, float]:
     """``--param NAME=VALUE`` (an adaptation param and its value), as an argparse type."""
     name, sep, value = text.partition("=")
     try:
