@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.tasks import Split
+from runtime.tasks import Split, tracking
 from runtime.tasks import drone_track as track
 from runtime.tasks import drone_track_control as control
 
@@ -174,3 +174,30 @@ def test_tuned_gains_are_the_best_of_their_grid() -> None:
     assert best == rows[0].gains
     with pytest.raises(ValueError, match="pid"):
         control.tune("lqr")
+
+
+def test_residual_family_is_the_same_plant_behind_an_onboard_pd() -> None:
+    """drone-track-residual: correction c added to the nominal PD. c = expert_force flies the
+    privileged controller's exact trajectory on drone-track; c = 0 is the bare PD, which the
+    wind pushes far off the figure-8."""
+    tasks = tracking.condition_tasks(8, seed=3)[24:32]  # 12.1 m/s
+    thrust_env = track.DroneTrack(8, reference="figure8")
+    residual_env = track.DroneTrackResidual(8, reference="figure8")
+    thrust_env.reset(tasks, np.random.default_rng(5))
+    residual_env.reset(tasks, np.random.default_rng(5))
+    obs_t, obs_r = thrust_env._last_obs, residual_env._last_obs  # the PD's own (float64) copy
+    for k in range(track.HORIZON):
+        thrust_env.step(track.expert_action(obs_t, tasks, k))
+        command = track.pd_thrust(obs_r, track.PD_GAINS, force=track.expert_force(obs_r, tasks, k))
+        residual_env.step(track.expert_force(obs_r, tasks, k))
+        np.testing.assert_allclose(residual_env.command, command, atol=1e-9)
+        obs_t, obs_r = thrust_env._last_obs, residual_env._last_obs
+        np.testing.assert_allclose(residual_env.pos, thrust_env.pos, atol=1e-9)
+    bare = track.DroneTrackResidual(8, reference="figure8")
+    bare.reset(tasks, np.random.default_rng(5))
+    errors = []
+    for _ in range(track.HORIZON):
+        bare.step(np.zeros((8, 2)))
+        errors.append(bare.tracking_error())
+    assert np.mean(errors[40:]) > 0.1  # > 10 cm: the PD alone does not hold the figure-8
+    assert np.array_equal(bare.spec.act_high, track.RESIDUAL_MAX)

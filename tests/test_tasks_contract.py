@@ -82,6 +82,7 @@ INFORMED: dict[str, Policy] = {
     "point-nav-sparse": point_nav_policy,
     "drone-wind": lambda obs, tasks, rng: drone_wind.expert_action(obs, tasks),
     "drone-track": lambda obs, tasks, rng: drone_track.expert_action(obs, tasks),
+    "drone-track-residual": lambda obs, tasks, rng: drone_track.expert_force(obs, tasks),
     "car-friction": lambda obs, tasks, rng: car_friction.expert_action(obs, tasks),
     "pendulum-varied": pendulum_policy,
     "nav2d": lambda obs, tasks, rng: nav2d.oracle_action(obs, tasks),

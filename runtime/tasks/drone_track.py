@@ -40,6 +40,16 @@ Physics (vertical x-z plane, SI units, dt = 0.05 s, horizon 200 steps = 10 s):
 - Reward per step: -|p' - p_ref'| (m) - 0.01 |u_n|^2 with u_n the command normalized to
   [-1, 1] per axis. Never terminates early.
 
+``drone-track-residual`` (:class:`DroneTrackResidual`) is the same plant, tasks, splits,
+observation and reward with another action: a force correction c in [-8, 8] N per axis added to
+an onboard PD controller that runs on the observation the agent sees, u = PD(obs) with desired
+= m0 (a_ref - 25 e_p - 7 e_v + g z) + c and half the thrust lag inverted (the DOB's feedback
+gains, nominal mass m0 = 1 kg), clipped to the thrust limits. This is Neural-Fly's structure (a
+nominal controller plus a learned, adapted force term): the agent learns the wind's and the
+mass's force instead of the feedback loop. With c = 0 it is the ``PD`` row of ``bench tracking``'s
+kind (nothing adapts); with c = -(drag of the true wind) + (m - m0) a_cmd it is the privileged
+controller.
+
 Task vector (5 numbers): wind_x, wind_z (m/s), mass_scale, gust_amp (m/s), gust_freq (rad/s).
 
 Splits:
@@ -56,6 +66,7 @@ gust keeps the episode's clock.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -131,6 +142,23 @@ SPEC = FamilySpec(
     },
 )
 
+#: ``drone-track-residual``: the onboard PD's gains (kp 1/s^2, kd 1/s, lag lead): the DOB's and
+#: the privileged controller's feedback (drone_track_control.DOB_GAINS), and the bound on the
+#: agent's force correction (N per axis).
+PD_GAINS = (25.0, 7.0, 0.5)
+RESIDUAL_MAX = np.array([8.0, 8.0])
+
+RESIDUAL_SPEC = replace(
+    SPEC,
+    name="drone-track-residual",
+    act_low=-RESIDUAL_MAX,
+    act_high=RESIDUAL_MAX,
+    description=(
+        "drone-track with the action a force correction (N) added to an onboard PD with "
+        "nominal-mass feedforward (Neural-Fly's structure: nominal controller + learned residual)"
+    ),
+)
+
 
 class DroneTrack(TaskFamily):
     """Vectorized planar drone tracking a figure-8; see the module docstring."""
@@ -181,6 +209,7 @@ class DroneTrack(TaskFamily):
         return self._observe(self.t)
 
     def _step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        action = self._command(action)
         mass = MASS_NOMINAL * self.tasks[:, 2:3]
         self.thrust = self.thrust + LAG_ALPHA * (self.command - self.thrust)
         self.command = action.copy()
@@ -199,18 +228,54 @@ class DroneTrack(TaskFamily):
         reward -= CONTROL_COST * np.einsum("ij,ij->i", a_n, a_n)
         return self._observe(self.t + 1), reward, np.zeros(self.num_envs, dtype=bool)
 
+    def _command(self, action: np.ndarray) -> np.ndarray:
+        """The thrust command (N) the plant receives for the agent's ``action``."""
+        return action
+
     def _observe(self, step: np.ndarray) -> np.ndarray:
         p_ref, v_ref, a_ref = self.reference_at(step)
         obs = np.concatenate(
             [self.pos - p_ref, self.vel - v_ref, v_ref, a_ref, self.thrust, self.command], axis=1
         )
         obs = obs + _NOISE * self._noise_rng.standard_normal(obs.shape)
-        return np.clip(obs, _OBS_LOW, _OBS_HIGH)
+        self._last_obs = np.clip(obs, _OBS_LOW, _OBS_HIGH)
+        return self._last_obs
 
     def tracking_error(self) -> np.ndarray:
         """True (noise-free) distance to the reference (m), ``(N,)``."""
         p_ref, _, _ = self.reference_at(self.t)
         return np.hypot(*(self.pos - p_ref).T)
+
+
+class DroneTrackResidual(DroneTrack):
+    """``drone-track-residual``: the same plant, tasks, splits, observation and reward; the
+    action is a force correction (N) added to an onboard PD controller (see the module
+    docstring)."""
+
+    spec = RESIDUAL_SPEC
+
+    def _command(self, action: np.ndarray) -> np.ndarray:
+        # The flight controller's PD acts on the observation the agent saw, like the agent.
+        return pd_thrust(self._last_obs, PD_GAINS, force=action)
+
+
+def pd_thrust(
+    obs: np.ndarray,
+    gains: tuple[float, float, float] = (25.0, 7.0, 0.5),
+    mass: np.ndarray | float = MASS_NOMINAL,
+    force: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Thrust command (N) of a PD (``gains`` = kp 1/s^2, kd 1/s, lag lead in [0, 1]) on the
+    tracking error in ``obs`` ``(N, 12)``, around feedforward of the reference acceleration and
+    gravity for ``mass`` (kg) plus an extra ``force`` (N): desired = mass (a_ref - kp e_p - kd
+    e_v + g z) + force; ``lead`` partially inverts the thrust lag using the produced thrust."""
+    kp, kd, lead = gains
+    e_p, e_v, a_ref, f = (obs[:, i : i + 2] for i in (0, 2, 6, 8))
+    acc = a_ref - kp * e_p - kd * e_v
+    acc[:, 1] += GRAVITY
+    desired = mass * acc + force
+    thrust = desired + lead * (1.0 / LAG_ALPHA - 1.0) * (desired - f)
+    return np.clip(thrust, THRUST_LOW, THRUST_HIGH)
 
 
 def drag_force(air_velocity: np.ndarray) -> np.ndarray:
@@ -235,7 +300,7 @@ def expert_action(
     obs: np.ndarray,
     tasks: np.ndarray,
     step: int | np.ndarray = 0,
-    gains: tuple[float, float, float] = (25.0, 7.0, 0.5),
+    gains: tuple[float, float, float] = PD_GAINS,
 ) -> np.ndarray:
     """Privileged controller (reads wind and mass; ``step`` places the gust), thrust in N.
 
@@ -243,15 +308,26 @@ def expert_action(
     of the reference acceleration, gravity and the drag of the current wind for the true mass;
     ``lead`` in [0, 1] partially inverts the thrust lag using the produced thrust in ``obs``.
     """
-    kp, kd, lead = gains
-    e_p, e_v, v_ref, a_ref, f = (obs[:, i : i + 2] for i in (0, 2, 4, 6, 8))
-    t = np.asarray(step) * DT
-    wind = np.stack([tasks[:, 0] + tasks[:, 3] * np.sin(tasks[:, 4] * t), tasks[:, 1]], axis=1)
+    return pd_thrust(obs, gains, force=expert_force(obs, tasks, step, gains))
+
+
+def expert_force(
+    obs: np.ndarray,
+    tasks: np.ndarray,
+    step: int | np.ndarray = 0,
+    gains: tuple[float, float, float] = PD_GAINS,
+) -> np.ndarray:
+    """The force correction (N) that makes the nominal-mass PD of :func:`pd_thrust` exact (the
+    privileged action of ``drone-track-residual``): (m - m0) a_cmd minus the drag of the true
+    wind, a_cmd = a_ref - kp e_p - kd e_v + g z."""
+    kp, kd, _ = gains
+    e_p, e_v, v_ref, a_ref = (obs[:, i : i + 2] for i in (0, 2, 4, 6))
     acc = a_ref - kp * e_p - kd * e_v
     acc[:, 1] += GRAVITY
-    desired = MASS_NOMINAL * tasks[:, 2:3] * acc - drag_force(wind - (e_v + v_ref))
-    thrust = desired + lead * (1.0 / LAG_ALPHA - 1.0) * (desired - f)
-    return np.clip(thrust, THRUST_LOW, THRUST_HIGH)
+    t = np.asarray(step) * DT
+    wind = np.stack([tasks[:, 0] + tasks[:, 3] * np.sin(tasks[:, 4] * t), tasks[:, 1]], axis=1)
+    mass = MASS_NOMINAL * tasks[:, 2:3]
+    return (mass - MASS_NOMINAL) * acc - drag_force(wind - (e_v + v_ref))
 
 
 def nominal_task(n: int) -> np.ndarray:

@@ -89,7 +89,7 @@ def _ensure_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     from runtime.tasks.car_friction import CarFriction
-    from runtime.tasks.drone_track import DroneTrack
+    from runtime.tasks.drone_track import DroneTrack, DroneTrackResidual
     from runtime.tasks.drone_wind import DroneWind
     from runtime.tasks.nav2d import Nav2D
     from runtime.tasks.point_nav import PointNav, PointNavSparse
@@ -99,6 +99,7 @@ def _ensure_builtins() -> None:
         "point-nav-sparse": PointNavSparse,
         "drone-wind": DroneWind,
         "drone-track": DroneTrack,
+        "drone-track-residual": DroneTrackResidual,
         "car-friction": CarFriction,
         "nav2d": Nav2D,
     }

@@ -26,7 +26,7 @@ Protocol (the same tasks, noise and seeds for every controller):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
@@ -64,10 +64,11 @@ STRONG = tuple(c.name for c in CONDITIONS[:4] if c.wind_x >= 8.0)  #: 8 m/s and 
 class ControllerResult:
     """One controller's figures; errors in cm, convergence in control steps (0.05 s)."""
 
-    kind: str  # "classical", "privileged" or "bundle"
+    kind: str  # "classical", "privileged", "oracle" or "bundle"
     adaptive: bool
     source: str
     params: dict[str, float] = field(default_factory=dict)  # a bundle's declared params set
+    family: str = "drone-track"  # the action interface it flew (FAMILIES)
     conditions: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
     wind_change: dict[str, float | int] = field(default_factory=dict)
 
@@ -88,18 +89,26 @@ def condition_tasks(n: int, seed: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
+#: The families flown here: one plant, two action interfaces (thrust, or a force correction
+#: to the onboard PD); the same seed gives the same noise and references in both.
+FAMILIES = {"drone-track": track.DroneTrack, "drone-track-residual": track.DroneTrackResidual}
+
+
 def fly(
     policy,
     tasks: np.ndarray,
     episodes: int,
     seed: int,
     change: tuple[int, np.ndarray] | None = None,
+    family: str = "drone-track",
 ) -> np.ndarray:
-    """True tracking error (cm) ``(episodes, horizon, N)`` of ``policy`` (AdaptivePolicy) on
-    the fixed figure-8; ``change = (step, new_tasks)`` switches the wind in the last episode."""
-    env = track.DroneTrack(len(tasks), reference="figure8")
+    """True tracking error (cm) ``(episodes, horizon, N)`` of ``policy`` (AdaptivePolicy,
+    normalized actions of ``family``) on the fixed figure-8; ``change = (step, new_tasks)``
+    switches the wind in the last episode."""
+    env = FAMILIES[family](len(tasks), reference="figure8")
     rng = np.random.default_rng(seed)
-    horizon, half = env.spec.horizon, (track.THRUST_HIGH - track.THRUST_LOW) / 2.0
+    low, high = env.spec.act_low, env.spec.act_high
+    horizon, half = env.spec.horizon, (high - low) / 2.0
     policy.begin_task(tasks)
     errors = np.zeros((episodes, horizon, len(tasks)))
     for ep in range(episodes):
@@ -111,7 +120,7 @@ def fly(
                 if hasattr(policy, "set_tasks"):
                     policy.set_tasks(change[1])
             action = np.asarray(policy.act(obs), dtype=np.float64)
-            res = env.step(track.THRUST_LOW + half * (action + 1.0))
+            res = env.step(low + half * (action + 1.0))
             policy.observe(obs, action, res.reward, res.obs, np.full(len(tasks), t == horizon - 1))
             obs = res.obs
             errors[ep, t] = 100.0 * env.tracking_error()
@@ -125,11 +134,13 @@ def evaluate(
     skip_s: float,
     seed: int,
     traces: bool = False,
+    family: str = "drone-track",
 ) -> tuple[dict, dict]:
-    """(per-condition figures, wind-change figures) of the policy ``make_policy()`` builds."""
+    """(per-condition figures, wind-change figures) of the policy ``make_policy()`` builds,
+    flown on ``family`` (the interface its actions are for)."""
     n = tasks_per_condition
     tasks = condition_tasks(n, seed)
-    err = fly(make_policy(), tasks, episodes, seed)
+    err = fly(make_policy(), tasks, episodes, seed, family=family)
     skip = round(skip_s / track.DT)
     conditions = {}
     for i, c in enumerate(CONDITIONS):
@@ -140,11 +151,16 @@ def evaluate(
             "p95_cm": float(np.percentile(last, 95)),
             "mean_cm_by_episode": [float(x) for x in e[:, skip:].mean(axis=(1, 2))],
         }
-    return conditions, wind_change(make_policy, n, episodes, seed, traces)
+    return conditions, wind_change(make_policy, n, episodes, seed, traces, family)
 
 
 def wind_change(
-    make_policy, n: int, episodes: int, seed: int, traces: bool = False
+    make_policy,
+    n: int,
+    episodes: int,
+    seed: int,
+    traces: bool = False,
+    family: str = "drone-track",
 ) -> dict[str, float | int | list[float]]:
     """Convergence after the wind jumps from CHANGE_FROM to CHANGE_TO (module docstring);
     ``traces``: also the task-mean error (cm) at every step of the last episode, switched and
@@ -152,8 +168,8 @@ def wind_change(
     all_tasks = condition_tasks(n, seed)
     i_from, i_to = CONDITIONS.index(CHANGE_FROM), CONDITIONS.index(CHANGE_TO)
     before, after = all_tasks[i_from * n : (i_from + 1) * n], all_tasks[i_to * n : (i_to + 1) * n]
-    switched = fly(make_policy(), before, episodes, seed, change=(CHANGE_STEP, after))[-1]
-    steady = fly(make_policy(), after, episodes, seed)[-1]
+    switched = fly(make_policy(), before, episodes, seed, (CHANGE_STEP, after), family)[-1]
+    steady = fly(make_policy(), after, episodes, seed, family=family)[-1]
     steps = convergence_steps(switched[CHANGE_STEP:], steady[CHANGE_STEP:])
     limit = switched.shape[0] - CHANGE_STEP - WINDOW + 1
     out: dict[str, float | int | list[float]] = {
@@ -204,10 +220,10 @@ def run_benchmark(
         builders.update(_oracle_builder(path, builders))
     for path in bundles:
         builders.update(_bundle_builders(path, builders, params or {}))
-    for label, (kind, adaptive, source, make, *used) in builders.items():
-        res = ControllerResult(kind, adaptive, source, used[0] if used else {})
+    for label, b in builders.items():
+        res = ControllerResult(b.kind, b.adaptive, b.source, b.params, b.family)
         res.conditions, res.wind_change = evaluate(
-            make, tasks_per_condition, episodes, skip_s, seed, traces
+            b.make, tasks_per_condition, episodes, skip_s, seed, traces, b.family
         )
         controllers[label] = res
     tasks = condition_tasks(tasks_per_condition, seed)
@@ -297,16 +313,28 @@ def tune_report(tasks: int = 64, seed: int = 0) -> dict:
     return {"tasks": tasks, "seed": seed, "split": "train", **out}
 
 
-def _classical() -> list[tuple[str, tuple]]:
+@dataclass(frozen=True)
+class Builder:
+    """How to build one controller of the benchmark, and what to report about it."""
+
+    kind: str
+    adaptive: bool
+    source: str
+    make: Callable[[], object]
+    params: dict[str, float] = field(default_factory=dict)
+    family: str = "drone-track"
+
+
+def _classical() -> list[tuple[str, Builder]]:
     pd = replace(control.PID_GAINS, ki=0.0)
     return [
         (
             "PD (no integral)",
-            ("classical", False, "PID_GAINS with ki = 0", lambda: control.PIDController(pd)),
+            Builder("classical", False, "PID_GAINS with ki = 0", lambda: control.PIDController(pd)),
         ),
-        ("PID", ("classical", True, "drone_track_control.PID_GAINS", control.PIDController)),
-        ("DOB", ("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
-        ("privileged", ("privileged", True, "reads the task", control.PrivilegedController)),
+        ("PID", Builder("classical", True, "drone_track_control.PID_GAINS", control.PIDController)),
+        ("DOB", Builder("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
+        ("privileged", Builder("privileged", True, "reads the task", control.PrivilegedController)),
     ]
 
 
@@ -357,7 +385,7 @@ def targets(controllers: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def _oracle_builder(path: str, taken: dict) -> dict[str, tuple]:
+def _oracle_builder(path: str, taken: dict) -> dict[str, Builder]:
     """A learned privileged oracle run (torch, cloud side): it reads the true task and is told
     the wind change (``set_tasks``)."""
     from runtime.errors import EdgeadaptError
@@ -368,13 +396,14 @@ def _oracle_builder(path: str, taken: dict) -> dict[str, tuple]:
     run = load_run(path)
     if not entry_of(run.config).privileged:
         raise EdgeadaptError(f"{path}: not an oracle run (algo is {run.config.algo!r})")
-    if run.config.env.name != "drone-track":
-        raise EdgeadaptError(f"{path}: run is for env {run.config.env.name!r}, not 'drone-track'")
+    family = run.config.env.name
+    if family not in FAMILIES:
+        raise EdgeadaptError(f"{path}: run is for env {family!r}, not one of {_names()}")
     label = "oracle" if "oracle" not in taken else f"oracle [{path}]"
-    return {label: ("oracle", True, str(path), lambda: policy_for(run))}
+    return {label: Builder("oracle", True, str(path), lambda: policy_for(run), family=family)}
 
 
-def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, tuple]:
+def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, Builder]:
     """The bundle adaptive (with the ``params`` it declares) and with its state held at the
     initial value (non-adaptive)."""
     from runtime.agent import Agent, AgentConfig
@@ -382,8 +411,9 @@ def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[s
     from runtime.errors import EdgeadaptError
 
     manifest = load_verified(path)
-    if manifest.env != "drone-track":
-        raise EdgeadaptError(f"{path}: bundle is for env {manifest.env!r}, not 'drone-track'")
+    family = manifest.env
+    if family not in FAMILIES:
+        raise EdgeadaptError(f"{path}: bundle is for env {family!r}, not one of {_names()}")
     declared = {p.name for p in manifest.adaptation.params}
     used = {k: float(v) for k, v in params.items() if k in declared}
     label = manifest.adaptation.algorithm
@@ -393,15 +423,17 @@ def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[s
     named = label + (" (" + ", ".join(f"{k}={v:g}" for k, v in used.items()) + ")" if used else "")
     fixed = replace(config, adaptive=False, params={})
     return {
-        named: ("bundle", True, str(path), lambda: Agent(manifest, path, config=config), used),
-        f"{label}, non-adaptive": (
-            "bundle",
-            False,
-            str(path),
-            lambda: Agent(manifest, path, config=fixed),
-            {},
+        named: Builder(
+            "bundle", True, str(path), lambda: Agent(manifest, path, config=config), used, family
+        ),
+        f"{label}, non-adaptive": Builder(
+            "bundle", False, str(path), lambda: Agent(manifest, path, config=fixed), {}, family
         ),
     }
+
+
+def _names() -> str:
+    return ", ".join(repr(name) for name in FAMILIES)
 
 
 def _count(labels: np.ndarray) -> dict[str, int]:
