@@ -20,7 +20,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd = [sys.executable, "-m", "runtime.cli", "demo", "--quick", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=480)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "edgeadapt demo: pearl on drone-track" in res.stdout
+    assert "edgeadapt demo: pearl on drone-track-residual" in res.stdout
     assert "tracking error on the figure-8" in res.stdout
     return out
 
@@ -68,10 +68,12 @@ def test_demo_compares_tracking_error_with_classical_controllers_and_the_oracle(
     assert set(t["targets"]["pearl (forget=0.9)"]) >= {"vs_nonadaptive_met", "vs_oracle_met"}
 
 
-def test_demo_flies_drone_track_where_the_family_has_a_config() -> None:
-    from training.demo import env_for
+def test_demo_flies_drone_track_residual_where_the_family_has_a_config() -> None:
+    from runtime.tasks import tracking
+    from training.demo import TRACKING_FAMILIES, env_for
 
-    assert env_for("pearl") == env_for("rl2") == env_for("maml") == "drone-track"
+    assert env_for("pearl") == env_for("rl2") == env_for("maml") == "drone-track-residual"
+    assert set(TRACKING_FAMILIES) == set(tracking.FAMILIES)
 
 
 def test_demo_telemetry_arrived_complete(demo_out: Path) -> None:
@@ -92,7 +94,7 @@ def test_demo_runs_the_rl2_family_end_to_end(tmp_path: Path) -> None:
            str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=480)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "edgeadapt demo: rl2 on drone-track" in res.stdout
+    assert "edgeadapt demo: rl2 on drone-track-residual" in res.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["algo"] == "rl2" and s["train_rl2"]["env_steps"] > 0
     assert all(st["gaps"] == 0 for st in s["telemetry"]["devices"].values())
