@@ -142,7 +142,8 @@ class ActionScale(nn.Module):
 class MeanActor(nn.Module):
     """``tanh(mean)`` of a :class:`TanhGaussianActor` without computing the log-std half of its
     last layer: the same numbers as ``actor.deterministic``, one Slice node and half the last
-    matrix fewer in the graph. Shares the actor's parameters (``actor.net.*``)."""
+    matrix fewer in the graph, clamped to [-1, 1]. Shares the actor's parameters
+    (``actor.net.*``)."""
 
     def __init__(self, actor: TanhGaussianActor) -> None:
         super().__init__()
@@ -152,7 +153,10 @@ class MeanActor(nn.Module):
     def forward(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = self.net[:-1](torch.cat([obs, z], dim=-1))
         last = self.net[-1]
-        return torch.tanh(F.linear(h, last.weight[: self.act_dim], last.bias[: self.act_dim]))
+        mean = F.linear(h, last.weight[: self.act_dim], last.bias[: self.act_dim])
+        # onnxruntime's Tanh overshoots by up to 2e-7 when saturated (1.0000002): clamp, so that
+        # the normalized action is in [-1, 1] as the runtime promises (the health gate checks).
+        return torch.tanh(mean).clamp(-1.0, 1.0)
 
 
 class StepGraph(nn.Module):

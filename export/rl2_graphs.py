@@ -62,7 +62,7 @@ class RL2StepGraph(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         surprise = self.agent.surprise(transition, h)
         h_out = self.agent.absorb(transition, done, h)
-        action_norm = self.agent.act_mean(obs, h_out)
+        action_norm = self.agent.act_mean(obs, h_out).clamp(-1.0, 1.0)  # ORT Tanh overshoot
         # NaN for any NaN/inf in the row, else exactly 0 (see export.graphs.StepGraph).
         check = (torch.cat([transition, done, h_out], dim=-1) * 0.0).sum(dim=-1)
         updated = check == 0.0
@@ -78,7 +78,7 @@ class RL2ActGraph(nn.Module):
         self.scale = ActionScale(spec)
 
     def forward(self, obs: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        action_norm = self.agent.act_mean(obs, h)
+        action_norm = self.agent.act_mean(obs, h).clamp(-1.0, 1.0)  # ORT Tanh overshoot
         return self.scale(action_norm), action_norm
 
 

@@ -76,6 +76,26 @@ def test_a_bundle_flies_adaptive_and_non_adaptive(capsys, tmp_path_factory) -> N
     assert ctrl["pearl (forget=0.5)"]["conditions"] != adaptive["conditions"]
 
 
+def test_a_residual_bundle_flies_on_its_own_family(capsys, tmp_path_factory) -> None:
+    """drone-track-residual's actions are force corrections to the onboard PD: the bench flies
+    it there (the same plant and noise), not as thrust commands."""
+    from runtime.agent import Agent
+    from runtime.bundle import load_verified
+
+    bundle = cached_bundle(tmp_path_factory, (*SMALL, "env.name=drone-track-residual"))
+    rc, out, _ = bench(capsys, "--json", "--bundle", str(bundle))
+    assert rc == 0
+    row = json.loads(out)["controllers"]["pearl"]
+    assert row["family"] == "drone-track-residual"
+    manifest = load_verified(bundle)
+    for family, same in (("drone-track-residual", True), ("drone-track", False)):
+        conditions, _ = tracking.evaluate(
+            lambda: Agent(manifest, bundle), 2, 1, 2.0, 0, False, family
+        )
+        assert (conditions == row["conditions"]) is same, family
+    assert json.loads(out)["controllers"]["PID"]["family"] == "drone-track"
+
+
 def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None:
     bundle = cached_bundle(tmp_path_factory)  # point-nav
     rc, _, err = bench(capsys, "--bundle", str(bundle))

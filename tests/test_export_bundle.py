@@ -233,3 +233,38 @@ def _dims_of(run):
     from export.reference import dims_of
 
     return dims_of(run)
+
+
+def test_saturated_actors_stay_within_one_in_onnxruntime(tmp_path):
+    """onnxruntime's Tanh overshoots by up to 2e-7 when saturated (a demo bundle failed its
+    health gate on -1.0000001): the PEARL and RL² graphs clamp the normalized action."""
+    import onnxruntime as ort
+
+    from export.graphs import MeanActor
+    from export.onnx_export import export_module
+    from export.rl2_graphs import RL2ActGraph
+    from runtime.tasks import make_family
+    from training.networks import TanhGaussianActor
+    from training.rl2_networks import RL2Agent
+
+    torch.manual_seed(0)
+    spec = make_family("point-nav").spec
+    pearl = TanhGaussianActor(2, 3, 2, (16,))
+    rl2 = RL2Agent(2, 2, 8, (8,), (16,))
+    with torch.no_grad():  # pre-tanh values spread over about [-30, 30]
+        pearl.net[-1].weight.mul_(40.0)
+        rl2.actor[-1].weight.mul_(4000.0)  # its last layer starts 100x smaller
+    x = torch.randn(4096, 2)
+    cases = {
+        "pearl": (MeanActor(pearl), (x, torch.randn(4096, 3)), ("obs", "z"), (0,)),
+        "rl2": (RL2ActGraph(rl2, spec), (x, torch.randn(4096, 8)), ("obs", "h"), (1,)),
+    }
+    for name, (module, example, inputs, (out_index,)) in cases.items():
+        outputs = ("action_norm",) if name == "pearl" else ("action", "action_norm")
+        path = tmp_path / f"{name}.onnx"
+        export_module(module, example, inputs, outputs, path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {k: v.numpy() for k, v in zip(inputs, example, strict=True)}
+        norm = sess.run(None, feeds)[out_index]
+        assert np.abs(norm).max() <= 1.0, (name, np.abs(norm).max())
+        assert (np.abs(norm) == 1.0).mean() > 0.1, name  # saturated: the case the clamp is for

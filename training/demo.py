@@ -2,12 +2,13 @@
 
 Meta-train a family (PEARL by default, ``--algo rl2|maml``) and the privileged oracle on
 ``drone-track-residual`` (figure-8 tracking in strong gusty wind; the policy adds a force
-correction to an onboard PD controller) -> export and sign a bundle -> provision and flash a local device root ->
-start a private Mosquitto and a collector -> evaluate the bundle on unseen winds and fly it
-against the classical controllers and the oracle (``bench tracking``'s protocol) -> fly the
-simulated drone through an unseen wind, an out-of-distribution storm and a mid-flight wind change
--> a terminal summary and a report folder of plots. This module is cloud-side (it trains, so it
-imports torch lazily); what it runs on the "device" is the torch-free runtime.
+correction to an onboard PD controller) -> export and sign a bundle -> provision and flash a
+local device root -> start a private Mosquitto and a collector -> evaluate the bundle on unseen
+winds and fly it against the classical controllers and the oracle (``bench tracking``'s
+protocol) -> fly the simulated drone through an unseen wind, an out-of-distribution storm and a
+mid-flight wind change -> a terminal summary and a report folder of plots. This module is
+cloud-side (it trains, so it imports torch lazily); what it runs on the "device" is the torch-free
+runtime.
 """
 
 from __future__ import annotations
@@ -414,8 +415,8 @@ def fly_scenarios(
 
     # A family with a forgetting factor tracks gusts and changes with it; others by their state.
     tracking = tracking_params(bundle)
-    # drone-track(-residual): every flight with it (as in the tracking comparison); elsewhere only the
-    # wind change, as before.
+    # drone-track(-residual): every flight with it (as in the tracking comparison); elsewhere
+    # only the wind change, as before.
     steady = tracking if env_name in TRACKING_FAMILIES else {}
     tasks = flight_tasks(env_name, seed)
     horizon = make_family(env_name).spec.horizon

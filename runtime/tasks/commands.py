@@ -1,5 +1,6 @@
 """``edgeadapt envs`` (list the task families), ``edgeadapt bench envs`` (their throughput) and
-``edgeadapt bench tracking`` (drone-track tracking error of classical and learned controllers).
+``edgeadapt bench tracking`` (drone-track(-residual) tracking error of classical and learned
+controllers).
 
 Top-level imports are argparse/stdlib only; numpy and the families load inside the handlers.
 """
@@ -55,13 +56,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     t.add_argument("--markdown", action="store_true", help="print a Markdown table")
     t.add_argument(
         "--bundle", action="append", default=[], metavar="PATH",
-        help="a drone-track bundle (repeatable; PEARL, RL², MAML alike): flown adaptive and "
-        "with its state held at the initial value",
+        help="a drone-track or drone-track-residual bundle (repeatable; PEARL, RL², MAML "
+        "alike): flown adaptive and with its state held at the initial value",
     )  # fmt: skip
     t.add_argument(
         "--oracle", action="append", default=[], metavar="RUN",
-        help="a drone-track privileged oracle run directory (torch, needs the train extra): "
-        "flown as the row 'oracle', the reference of the targets (repeatable)",
+        help="a drone-track(-residual) privileged oracle run directory (torch, train extra): "
+        "flown as the row 'oracle', a candidate reference of the targets (repeatable)",
     )  # fmt: skip
     add_param_arg(
         t, "set a declared adaptation param of the bundles that declare it (PEARL: forget=0.9 "

@@ -1,4 +1,5 @@
-"""``edgeadapt bench tracking``: figure-8 tracking error of every controller on drone-track.
+"""``edgeadapt bench tracking``: figure-8 tracking error of every controller on drone-track
+(and drone-track-residual, the same plant behind an onboard PD).
 
 Protocol (the same tasks, noise and seeds for every controller):
 
@@ -7,7 +8,10 @@ Protocol (the same tasks, noise and seeds for every controller):
   every ``--oracle`` run (the learned privileged oracle, a torch run: it reads the task and is
   told the wind change), and every ``--bundle`` adaptive and with its state held at the initial
   value (non-adaptive); ``--param NAME=VALUE`` sets a declared param of the bundles that
-  declare it (PEARL's ``forget``), on the adaptive agent only.
+  declare it (PEARL's ``forget``), on the adaptive agent only. Each controller flies the family
+  its actions are for (:data:`FAMILIES`): the classical ones and ``drone-track`` bundles command
+  thrust, ``drone-track-residual`` bundles and oracles a force correction to the onboard PD;
+  the plant, tasks, noise and seeds are the same.
 - Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
   storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
   scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
