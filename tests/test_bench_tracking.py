@@ -74,6 +74,16 @@ def test_a_bundle_flies_adaptive_and_non_adaptive(capsys, tmp_path_factory) -> N
     assert ctrl["pearl (forget=0.5)"]["params"] == {"forget": 0.5}
     assert ctrl["pearl, non-adaptive"]["params"] == {}
     assert ctrl["pearl (forget=0.5)"]["conditions"] != adaptive["conditions"]
+    # a name given twice: one adaptive row per value, one non-adaptive row
+    args = ("--json", "--bundle", str(bundle), "--param", "forget=0.5", "--param", "forget=1")
+    rows = json.loads(bench(capsys, *args)[1])["controllers"]
+    assert [k for k in rows if k.startswith("pearl")] == [
+        "pearl (forget=0.5)", "pearl (forget=1)", "pearl, non-adaptive"
+    ]  # fmt: skip
+    assert rows["pearl (forget=0.5)"]["conditions"] == ctrl["pearl (forget=0.5)"]["conditions"]
+    assert tracking.param_sets([("a", 1), ("b", 2), ("a", 3)]) == [
+        {"a": 1, "b": 2}, {"a": 3, "b": 2}
+    ]  # fmt: skip
 
 
 def test_a_residual_bundle_flies_on_its_own_family(capsys, tmp_path_factory) -> None:

@@ -55,7 +55,8 @@ def test_demo_compares_tracking_error_with_classical_controllers_and_the_oracle(
 ) -> None:
     t = json.loads((demo_out / "summary.json").read_text())["tracking"]
     ctrl = t["controllers"]
-    assert {"PID", "DOB", "oracle", "pearl (forget=0.9)", "pearl, non-adaptive"} <= set(ctrl)
+    assert {"PID", "DOB", "oracle", "pearl (forget=0.9)", "pearl (forget=1)"} <= set(ctrl)
+    assert "pearl, non-adaptive" in ctrl
     assert ctrl["oracle"]["kind"] == "oracle" and ctrl["pearl, non-adaptive"]["adaptive"] is False
     for res in ctrl.values():
         curve = res["wind_change"]["error_cm_by_step"]

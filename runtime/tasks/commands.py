@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )  # fmt: skip
     add_param_arg(
         t, "set a declared adaptation param of the bundles that declare it (PEARL: forget=0.9 "
-        "forgets old evidence, for changing wind)",
+        "forgets old evidence, for changing wind); a name given twice flies one row per value "
+        "(--param forget=1 --param forget=0.9)",
     )  # fmt: skip
     t.add_argument("--tasks", type=_positive, default=16, help="tasks per wind condition")
     t.add_argument("--episodes", type=_positive, default=2, help="episodes per task (10 s each)")
@@ -135,7 +136,7 @@ def _bench_tracking(args: argparse.Namespace) -> int:
         args.episodes,
         args.skip,
         args.seed,
-        dict(args.param),
+        tracking.param_sets(args.param),
         oracles=args.oracle,
     )
     if args.json:

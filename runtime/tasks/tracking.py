@@ -30,8 +30,10 @@ Protocol (the same tasks, noise and seeds for every controller):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -207,14 +209,15 @@ def run_benchmark(
     episodes: int = 2,
     skip_s: float = 2.0,
     seed: int = 0,
-    params: dict[str, float] | None = None,
+    params: dict[str, float] | list[dict[str, float]] | None = None,
     oracles: Iterable[str] = (),
     traces: bool = False,
 ) -> dict:
     """Every controller through :func:`evaluate`; the JSON of ``bench tracking``.
 
     ``params`` (name -> value) set the declared params of the bundles that declare them
-    (PEARL: ``forget``); other bundles fly with their defaults. ``oracles``: privileged oracle
+    (PEARL: ``forget``); other bundles fly with their defaults. A list of such dicts
+    (:func:`param_sets`) flies a bundle adaptive once per set. ``oracles``: privileged oracle
     run directories (torch; needs the train extra). ``traces``: add the per-step wind-change
     error curves (:func:`wind_change`).
     """
@@ -223,7 +226,8 @@ def run_benchmark(
     for path in oracles:
         builders.update(_oracle_builder(path, builders))
     for path in bundles:
-        builders.update(_bundle_builders(path, builders, params or {}))
+        sets = params if isinstance(params, list) else [params or {}]
+        builders.update(_bundle_builders(path, builders, sets))
     for label, b in builders.items():
         res = ControllerResult(b.kind, b.adaptive, b.source, b.params, b.family)
         res.conditions, res.wind_change = evaluate(
@@ -407,9 +411,22 @@ def _oracle_builder(path: str, taken: dict) -> dict[str, Builder]:
     return {label: Builder("oracle", True, str(path), lambda: policy_for(run), family=family)}
 
 
-def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[str, Builder]:
-    """The bundle adaptive (with the ``params`` it declares) and with its state held at the
-    initial value (non-adaptive)."""
+def param_sets(pairs: Iterable[tuple[str, float]]) -> list[dict[str, float]]:
+    """``--param`` pairs -> the param sets to fly: a name given several times gives one set per
+    value (every combination with the other names), e.g. forget=1 forget=0.9 -> two rows."""
+    values: dict[str, list[float]] = {}
+    for name, value in pairs:
+        values.setdefault(name, [])
+        if value not in values[name]:
+            values[name].append(value)
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+
+
+def _bundle_builders(
+    path: str, taken: dict, param_sets: list[dict[str, float]]
+) -> dict[str, Builder]:
+    """The bundle adaptive (once per set of ``param_sets``, with the params it declares) and
+    with its state held at the initial value (non-adaptive)."""
     from runtime.agent import Agent, AgentConfig
     from runtime.bundle import load_verified
     from runtime.errors import EdgeadaptError
@@ -419,21 +436,23 @@ def _bundle_builders(path: str, taken: dict, params: dict[str, float]) -> dict[s
     if family not in FAMILIES:
         raise EdgeadaptError(f"{path}: bundle is for env {family!r}, not one of {_names()}")
     declared = {p.name for p in manifest.adaptation.params}
-    used = {k: float(v) for k, v in params.items() if k in declared}
     label = manifest.adaptation.algorithm
     if label in {k.split(" (")[0] for k in taken}:
         label = f"{label} [{path}]"
-    config = AgentConfig(params=used)
-    named = label + (" (" + ", ".join(f"{k}={v:g}" for k, v in used.items()) + ")" if used else "")
-    fixed = replace(config, adaptive=False, params={})
-    return {
-        named: Builder(
-            "bundle", True, str(path), lambda: Agent(manifest, path, config=config), used, family
-        ),
-        f"{label}, non-adaptive": Builder(
-            "bundle", False, str(path), lambda: Agent(manifest, path, config=fixed), {}, family
-        ),
-    }
+    out = {}
+    for params in param_sets:
+        used = {k: float(v) for k, v in params.items() if k in declared}
+        shown = ", ".join(f"{k}={v:g}" for k, v in used.items())
+        named = f"{label} ({shown})" if used else label
+        config = AgentConfig(params=used)
+        out[named] = Builder(
+            "bundle", True, str(path), partial(Agent, manifest, path, config=config), used, family
+        )
+    fixed = AgentConfig(adaptive=False)
+    out[f"{label}, non-adaptive"] = Builder(
+        "bundle", False, str(path), partial(Agent, manifest, path, config=fixed), {}, family
+    )
+    return out
 
 
 def _names() -> str:
