@@ -269,13 +269,18 @@ def pd_thrust(
     tracking error in ``obs`` ``(N, 12)``, around feedforward of the reference acceleration and
     gravity for ``mass`` (kg) plus an extra ``force`` (N): desired = mass (a_ref - kp e_p - kd
     e_v + g z) + force; ``lead`` partially inverts the thrust lag using the produced thrust."""
-    kp, kd, lead = gains
-    e_p, e_v, a_ref, f = (obs[:, i : i + 2] for i in (0, 2, 6, 8))
-    acc = a_ref - kp * e_p - kd * e_v
-    acc[:, 1] += GRAVITY
-    desired = mass * acc + force
-    thrust = desired + lead * (1.0 / LAG_ALPHA - 1.0) * (desired - f)
+    lead = gains[2]
+    desired = mass * commanded_acceleration(obs, gains) + force
+    thrust = desired + lead * (1.0 / LAG_ALPHA - 1.0) * (desired - obs[:, 8:10])
     return np.clip(thrust, THRUST_LOW, THRUST_HIGH)
+
+
+def commanded_acceleration(obs: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """The PD's specific force (m/s^2): a_ref - kp e_p - kd e_v + g z, ``(N, 2)``."""
+    kp, kd = gains[0], gains[1]
+    acc = obs[:, 6:8] - kp * obs[:, 0:2] - kd * obs[:, 2:4]
+    acc[:, 1] += GRAVITY
+    return acc
 
 
 def drag_force(air_velocity: np.ndarray) -> np.ndarray:
@@ -320,10 +325,8 @@ def expert_force(
     """The force correction (N) that makes the nominal-mass PD of :func:`pd_thrust` exact (the
     privileged action of ``drone-track-residual``): (m - m0) a_cmd minus the drag of the true
     wind, a_cmd = a_ref - kp e_p - kd e_v + g z."""
-    kp, kd, _ = gains
-    e_p, e_v, v_ref, a_ref = (obs[:, i : i + 2] for i in (0, 2, 4, 6))
-    acc = a_ref - kp * e_p - kd * e_v
-    acc[:, 1] += GRAVITY
+    acc = commanded_acceleration(obs, gains)
+    e_v, v_ref = obs[:, 2:4], obs[:, 4:6]
     t = np.asarray(step) * DT
     wind = np.stack([tasks[:, 0] + tasks[:, 3] * np.sin(tasks[:, 4] * t), tasks[:, 1]], axis=1)
     mass = MASS_NOMINAL * tasks[:, 2:3]
