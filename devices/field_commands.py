@@ -9,6 +9,10 @@ import json
 
 from runtime.plugins import add_plugin_arg
 
+#: ``devices.runner.SafeBehaviour`` (not imported here: the runner loads only in the handler;
+#: a test checks they agree).
+SAFE_CHOICES = ("last_calm", "prior", "hold", "zeros", "adaptive")
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the flashed bundle in the field (simulated plant)")
@@ -27,9 +31,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument(
         "--safe",
         default="last_calm",
-        choices=["last_calm", "prior", "hold", "zeros"],
+        choices=SAFE_CHOICES,
         help="actions in safe mode: the policy at the last calm state (default), at the initial "
-        "state (prior), the last action (hold) or physical zero",
+        "state (prior), the last action (hold), physical zero, or the adaptive action (adaptive: "
+        "monitor only, alarms and mode changes are still reported)",
     )
     p.add_argument("--forget", type=float, help="belief forgetting factor in (0, 1]")
     p.add_argument("--changepoint", default="off", choices=["off", "reset"])

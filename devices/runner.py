@@ -8,7 +8,8 @@ act, step the plant, report telemetry through the persisted outbox, and check th
   value after the last calm transition, one whose surprise was below the warn level, i.e. the
   last state the monitor found in-distribution; the initial state before any calm step;
   ``prior``: the policy at the initial state, i.e. the non-adaptive policy; ``hold``: repeat
-  the last action; ``zeros``: physical zero clipped to the bounds). Every family declares its
+  the last action; ``zeros``: physical zero clipped to the bounds; ``adaptive``: monitor only,
+  the adaptive action stays and the mode change is only reported). Every family declares its
   state by name, so ``last_calm`` holds a PEARL belief, an RL² hidden state or MAML's adapted
   weights alike. The adaptive state keeps updating, so the device returns to adaptive mode by
   itself once the alarm clears (after ``clear_steps`` calm steps) unless safe mode was
@@ -47,7 +48,7 @@ from runtime.tasks import make_family
 
 log = logging.getLogger(__name__)
 
-SafeBehaviour = Literal["last_calm", "prior", "hold", "zeros"]
+SafeBehaviour = Literal["last_calm", "prior", "hold", "zeros", "adaptive"]
 
 
 class Mode(IntEnum):
@@ -263,15 +264,14 @@ class FieldRunner:
         self._handle_agent_events()
         if self.mode is Mode.ADAPTIVE:
             self._remember_calm_state()
-        else:
-            if self.safe_agent is not None:  # a state that never adapts (module docstring)
-                action = self.safe_agent.act_scaled(obs)
-            elif self.opts.safe == "zeros":
-                low, high = self.agent._act_low, self.agent._act_high
-                action = np.clip(np.zeros_like(low), low, high)
-            elif self.trace.action:
-                action = np.asarray(self.trace.action[-1], dtype=np.float32)
-        return action
+        elif self.safe_agent is not None:  # a state that never adapts (module docstring)
+            action = self.safe_agent.act_scaled(obs)
+        elif self.opts.safe == "zeros":
+            low, high = self.agent._act_low, self.agent._act_high
+            action = np.clip(np.zeros_like(low), low, high)
+        elif self.opts.safe == "hold" and self.trace.action:
+            action = np.asarray(self.trace.action[-1], dtype=np.float32)
+        return action  # "adaptive": the adaptive action, safe mode only reported
 
     def _remember_calm_state(self) -> None:
         """``last_calm``: keep a copy of the state after a transition below the warn level."""

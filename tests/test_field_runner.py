@@ -84,6 +84,26 @@ def test_set_mode_command_switches_to_safe_behaviour_and_back(device_root: Path)
     assert np.all(runner.run().arrays()["mode"][20:] == 0)
 
 
+def test_adaptive_safe_behaviour_only_reports_safe_mode(device_root: Path) -> None:
+    """``--safe adaptive`` (monitor only): in safe mode the actions are the adaptive ones, the
+    mode is still recorded; the CLI offers every behaviour the runner has."""
+    from typing import get_args
+
+    from devices.field_commands import SAFE_CHOICES
+    from devices.runner import SafeBehaviour
+
+    assert get_args(SafeBehaviour) == SAFE_CHOICES
+    plain = FieldRunner(RunnerOptions(device_root, episodes=1, realtime=False)).run().arrays()
+    runner = FieldRunner(RunnerOptions(device_root, episodes=1, realtime=False, safe="adaptive"))
+    runner._on_command(_command("set-mode", mode="safe"))
+    a = runner.run().arrays()
+    assert np.all(a["mode"] == 1) and np.all(plain["mode"] == 0)
+    np.testing.assert_array_equal(a["action"], plain["action"])
+    held = FieldRunner(RunnerOptions(device_root, episodes=1, realtime=False, safe="hold"))
+    held._on_command(_command("set-mode", mode="safe"))
+    assert not np.array_equal(held.run().arrays()["action"], plain["action"])
+
+
 def test_last_calm_safe_mode_holds_the_state_of_the_last_calm_step(device_root: Path) -> None:
     """Safe mode (``last_calm``, the default) acts with the adaptive state held at its value
     before safe mode began, not the initial one, while the adaptive state keeps updating; a new
