@@ -71,8 +71,9 @@ QUICK: dict[str, list[str]] = {
 
 #: Overrides of the full demo's training budget per env, so that `make demo` (the oracle and
 #: PEARL side by side on 2 cores) aims at 10 minutes. drone-track(-residual): 200 of the configs'
-#: 300 iterations (README "Two commands" has what 200 give); RL² and MAML 100 of 150 (the demo
-#: not timed; MAML's 150 took 637 s at load 4-5). drone-wind: the default configs (150 each).
+#: 300 iterations (README "Two commands" has what 200 give); RL² and MAML 100 of 150 (`demo
+#: --algo rl2` on drone-track-residual: 274 s; MAML's demo not timed). drone-wind: the default
+#: configs (150 each).
 _TRACK_BUDGET = {
     "oracle": ["train.iterations=200"],
     "pearl": ["train.iterations=200"],

@@ -46,9 +46,9 @@ an onboard PD controller that runs on the observation the agent sees, u = PD(obs
 = m0 (a_ref - 25 e_p - 7 e_v + g z) + c and half the thrust lag inverted (the DOB's feedback
 gains, nominal mass m0 = 1 kg), clipped to the thrust limits. This is Neural-Fly's structure (a
 nominal controller plus a learned, adapted force term): the agent learns the wind's and the
-mass's force instead of the feedback loop. With c = 0 it is the ``PD`` row of ``bench tracking``'s
-kind (nothing adapts); with c = -(drag of the true wind) + (m - m0) a_cmd it is the privileged
-controller.
+mass's force instead of the feedback loop. With c = 0 the drone flies the bare PD (nothing
+adapts); with c = (m - m0) a_cmd - drag(true wind - v) (:func:`expert_force`) it flies the
+privileged controller.
 
 Task vector (5 numbers): wind_x, wind_z (m/s), mass_scale, gust_amp (m/s), gust_freq (rad/s).
 
@@ -261,7 +261,7 @@ class DroneTrackResidual(DroneTrack):
 
 def pd_thrust(
     obs: np.ndarray,
-    gains: tuple[float, float, float] = (25.0, 7.0, 0.5),
+    gains: tuple[float, float, float] = PD_GAINS,
     mass: np.ndarray | float = MASS_NOMINAL,
     force: np.ndarray | float = 0.0,
 ) -> np.ndarray:
