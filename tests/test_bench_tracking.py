@@ -104,6 +104,13 @@ def test_a_residual_bundle_flies_on_its_own_family(capsys, tmp_path_factory) -> 
         )
         assert (conditions == row["conditions"]) is same, family
     assert json.loads(out)["controllers"]["PID"]["family"] == "drone-track"
+    # beside a residual controller: its onboard PD alone, on the residual family
+    pd = json.loads(out)["controllers"]["onboard PD (residual, no correction)"]
+    assert pd["family"] == "drone-track-residual" and not pd["adaptive"]
+    residual = "drone-track-residual"
+    zero, _ = tracking.evaluate(tracking.ZeroCorrection, 2, 1, 2.0, 0, False, residual)
+    assert pd["conditions"] == zero
+    assert pd["conditions"]["12.1"]["mean_cm"] > pd["conditions"]["4.2"]["mean_cm"] > 1.0
 
 
 def test_a_bundle_of_another_family_is_refused(capsys, tmp_path_factory) -> None:

@@ -11,7 +11,8 @@ Protocol (the same tasks, noise and seeds for every controller):
   declare it (PEARL's ``forget``), on the adaptive agent only. Each controller flies the family
   its actions are for (:data:`FAMILIES`): the classical ones and ``drone-track`` bundles command
   thrust, ``drone-track-residual`` bundles and oracles a force correction to the onboard PD;
-  the plant, tasks, noise and seeds are the same.
+  the plant, tasks, noise and seeds are the same. With a residual controller among them, the
+  row "onboard PD (residual, no correction)" shows what its PD does alone.
 - Conditions: the Neural-Fly wind speeds 4.2, 8.5, 8.5 + 2.4 sin(t) and 12.1 m/s, plus the ood
   storm 14.5 + 2 sin(t) m/s (horizontal wind). Each condition has ``tasks`` tasks whose mass
   scale (U[0.7, 1.3]) and vertical wind (U[-1.5, 1.5] m/s) are drawn from ``seed``.
@@ -228,6 +229,8 @@ def run_benchmark(
     for path in bundles:
         sets = params if isinstance(params, list) else [params or {}]
         builders.update(_bundle_builders(path, builders, sets))
+    if any(b.family == "drone-track-residual" for b in builders.values()):
+        builders = {**dict(_classical()), **_onboard_pd(), **builders}
     for label, b in builders.items():
         res = ControllerResult(b.kind, b.adaptive, b.source, b.params, b.family)
         res.conditions, res.wind_change = evaluate(
@@ -344,6 +347,33 @@ def _classical() -> list[tuple[str, Builder]]:
         ("DOB", Builder("classical", True, "drone_track_control.DOB_GAINS", control.DOBController)),
         ("privileged", Builder("privileged", True, "reads the task", control.PrivilegedController)),
     ]
+
+
+class ZeroCorrection:
+    """drone-track-residual's onboard PD alone: a correction of 0 N (AdaptivePolicy)."""
+
+    def begin_task(self, tasks_BK: np.ndarray) -> None:
+        return None
+
+    def begin_episode(self) -> None:
+        return None
+
+    def act(self, obs_BO: np.ndarray) -> np.ndarray:
+        return np.zeros((len(obs_BO), track.SPEC.act_dim), dtype=np.float32)
+
+    def observe(self, obs_BO, action_BA, reward_B, next_obs_BO, done_B=False) -> None:
+        return None
+
+
+def _onboard_pd() -> dict[str, Builder]:
+    """The row a residual controller is measured against: its onboard PD with no correction
+    (nothing adapts), flown on drone-track-residual."""
+    source = "drone-track-residual's onboard PD (PD_GAINS), zero correction"
+    return {
+        "onboard PD (residual, no correction)": Builder(
+            "classical", False, source, ZeroCorrection, family="drone-track-residual"
+        )
+    }
 
 
 def targets(controllers: dict[str, dict]) -> dict[str, dict]:
