@@ -208,6 +208,20 @@ def test_an_unknown_family_runs_through_the_generic_declaration(tmp_path_factory
     assert agent.summary.algorithm == "my-memory" and agent.summary.mean.shape == (4, 8)
 
 
+def test_demo_scores_an_episodic_family_on_its_adapted_episode(tmp_path_factory):
+    """The demo's tracking comparison and storm flight score the last episode: for MAML that
+    must be the adapted one (its exploration episodes, then one more), for the others the
+    bench's 2 (a MAML demo once scored its 20th exploration episode of 20)."""
+    from runtime.bundle import read_manifest
+    from training.demo import scored_episodes
+
+    maml = bundle_of("maml", tmp_path_factory)
+    every = read_manifest(maml).adaptation.episodic.every_episodes
+    assert scored_episodes(maml) == every + 1
+    for algo in ("pearl", "rl2"):
+        assert scored_episodes(bundle_of(algo, tmp_path_factory)) == 2
+
+
 def test_maml_adapts_between_episodes_in_onnxruntime(tmp_path_factory):
     """The episodic declaration at work: after episodes_per_step episodes the runtime runs the
     adapt graph once per agent, the weights change, and the next episode flies them."""

@@ -341,6 +341,13 @@ def episodes_to_show(bundle: Path, base: int = 3) -> int:
     return base if ep is None else max(base, ep.every_episodes + 1)
 
 
+def scored_episodes(bundle: Path) -> int:
+    """Episodes per task of the tracking comparison and the storm flight: ``bench tracking``'s
+    2, or an episodic family's exploration episodes and the adapted one after them (MAML: 21;
+    the last episode is the one scored)."""
+    return episodes_to_show(bundle, base=2)
+
+
 def evaluate_unseen(bundle: Path, oracle_run: Path, seed: int, env: str) -> dict[str, Any]:
     """The meta-test protocol on the bundle (onnxruntime), normalized by the torch oracle."""
     from runtime.agent import evaluate_bundle
@@ -382,7 +389,7 @@ def compare_tracking(bundle: Path, oracle_run: Path, seed: int, quick: bool) -> 
     from runtime.tasks import tracking
 
     torch.set_num_threads(1)  # the oracle's forward passes: batch 16-80, one thread is enough
-    episodes = max(2, episodes_to_show(bundle) - 1)
+    episodes = scored_episodes(bundle)
     return tracking.run_benchmark(
         [str(bundle)], TRACKING_TASKS[quick], episodes, 2.0, seed, comparison_params(bundle),
         oracles=[str(oracle_run)], traces=True,
@@ -435,7 +442,9 @@ def fly_scenarios(
     n = episodes_to_show(bundle)
     plans = {
         "unseen_wind": dict(task=tasks["unseen"], episodes=n, **steady),
-        "ood_storm": dict(task=tasks["storm"], episodes=max(2, n - 1), split="ood", **steady),
+        "ood_storm": dict(
+            task=tasks["storm"], episodes=scored_episodes(bundle), split="ood", **steady
+        ),
         "wind_change": dict(
             task=tasks["calm"], episodes=n, change_at=horizon + horizon // 2,
             change_task=tasks["shifted"], **tracking,
