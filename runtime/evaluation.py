@@ -83,18 +83,14 @@ class RolloutResult:
     @property
     def success_by_episode(self) -> list[float] | None:
         """Success rate over tasks per episode index, or None without a success criterion."""
-        if self.success_TE is None:
-            return None
-        return [float(x) for x in self.success_TE.mean(axis=0)]
+        return _rate_by_episode(self.success_TE)
 
     @property
     def final_success_by_episode(self) -> list[float] | None:
         """Rate of tasks whose episode *ended* in success, per episode index (None without a
         success criterion): below ``success_by_episode`` when episodes pass through success
         and leave it."""
-        if self.final_success_TE is None:
-            return None
-        return [float(x) for x in self.final_success_TE.mean(axis=0)]
+        return _rate_by_episode(self.final_success_TE)
 
     def eval_row(self) -> dict[str, float]:
         """Training-log metrics: ``eval_return_ep<i>`` per episode (1-based), and
@@ -145,12 +141,17 @@ def rollout(
             policy.observe(obs, action, res.reward, res.obs, done)
             returns[:, ep] += res.reward
             if res.success is not None:
-                success = np.zeros_like(returns) if success is None else success
-                final = np.zeros_like(returns) if final is None else final
+                if success is None or final is None:
+                    success, final = np.zeros_like(returns), np.zeros_like(returns)
                 success[:, ep] = np.maximum(success[:, ep], res.success)
                 final[:, ep] = res.success
             obs = res.obs
     return RolloutResult(returns, success, final)
+
+
+def _rate_by_episode(flags_TE: np.ndarray | None) -> list[float] | None:
+    """Mean over tasks per episode index of a 0/1 array, or None without one."""
+    return None if flags_TE is None else [float(x) for x in flags_TE.mean(axis=0)]
 
 
 @dataclass

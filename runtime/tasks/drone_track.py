@@ -262,15 +262,14 @@ class DroneTrackResidual(DroneTrack):
 def pd_thrust(
     obs: np.ndarray,
     gains: tuple[float, float, float] = PD_GAINS,
-    mass: np.ndarray | float = MASS_NOMINAL,
     force: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """Thrust command (N) of a PD (``gains`` = kp 1/s^2, kd 1/s, lag lead in [0, 1]) on the
     tracking error in ``obs`` ``(N, 12)``, around feedforward of the reference acceleration and
-    gravity for ``mass`` (kg) plus an extra ``force`` (N): desired = mass (a_ref - kp e_p - kd
-    e_v + g z) + force; ``lead`` partially inverts the thrust lag using the produced thrust."""
+    gravity for the nominal mass m0 plus an extra ``force`` (N): desired = m0 (a_ref - kp e_p -
+    kd e_v + g z) + force; ``lead`` partially inverts the thrust lag using the produced thrust."""
     lead = gains[2]
-    desired = mass * commanded_acceleration(obs, gains) + force
+    desired = MASS_NOMINAL * commanded_acceleration(obs, gains) + force
     thrust = desired + lead * (1.0 / LAG_ALPHA - 1.0) * (desired - obs[:, 8:10])
     return np.clip(thrust, THRUST_LOW, THRUST_HIGH)
 

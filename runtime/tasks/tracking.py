@@ -223,14 +223,16 @@ def run_benchmark(
     error curves (:func:`wind_change`).
     """
     controllers: dict[str, ControllerResult] = {}
-    builders = dict(_classical())
+    classical = dict(_classical())
+    learned: dict[str, Builder] = {}
     for path in oracles:
-        builders.update(_oracle_builder(path, builders))
+        learned.update(_oracle_builder(path, {**classical, **learned}))
+    sets = params if isinstance(params, list) else [params or {}]
     for path in bundles:
-        sets = params if isinstance(params, list) else [params or {}]
-        builders.update(_bundle_builders(path, builders, sets))
-    if any(b.family == "drone-track-residual" for b in builders.values()):
-        builders = {**dict(_classical()), **_onboard_pd(), **builders}
+        learned.update(_bundle_builders(path, {**classical, **learned}, sets))
+    if any(b.family == "drone-track-residual" for b in learned.values()):
+        classical.update(_onboard_pd())
+    builders = {**classical, **learned}
     for label, b in builders.items():
         res = ControllerResult(b.kind, b.adaptive, b.source, b.params, b.family)
         res.conditions, res.wind_change = evaluate(
