@@ -49,5 +49,5 @@ def adaptation(run: Any, recording: Any = None) -> PearlAdaptation:
     return PearlAdaptation(
         state=state, params=[forget], summary_names=[f"z{i}" for i in range(z)],
         latent_dim=z, factor_rank=m.factor_rank, factor_diagonal=m.factor_diagonal,
-        prior_var=m.prior_var, min_var=m.min_var,
+        factor_var=m.factor_var, prior_var=m.prior_var, min_var=m.min_var,
     )  # fmt: skip

@@ -40,6 +40,7 @@ def step_module_from_bundle(bundle_dir: str | Path) -> torch.nn.Module:
         pearl.min_var,
         pearl.factor_rank,
         pearl.factor_diagonal,
+        pearl.factor_var == "shared",
     )
     hidden = _hidden(weights, "actor.net", include_last=True)
     actor = TanhGaussianActor(o, z, a, hidden)

@@ -193,6 +193,10 @@ class PearlAdaptation(_Adaptation):
     latent_dim: int = Field(ge=1)
     factor_rank: int = Field(0, ge=0, description="rank-one directions per factor; > 0: full")
     factor_diagonal: bool = Field(True, description="whether factors have a diagonal part")
+    factor_var: Literal["per_transition", "shared"] = Field(
+        "per_transition",
+        description="the diagonal part's variance: per transition, or one shared by all",
+    )
     prior_var: float = Field(gt=0)
     min_var: float = Field(gt=0)
 

@@ -52,6 +52,12 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("seed: 1\n", ["novalue"], "expected KEY=VALUE"),
         ("model: {factor_rank: 9}\n", [], "key 'model.factor_rank'"),
         ("model: {factor_diagonal: false}\n", [], "needs factor_rank >= 1"),
+        (
+            "model: {factor_rank: 1, factor_diagonal: false, factor_var: shared}\n",
+            [],
+            "factor_var: shared is the diagonal part's variance",
+        ),
+        ("model: {factor_var: global}\n", [], "key 'model.factor_var'"),
     ],
 )
 def test_bad_config_fails_naming_file_and_key(

@@ -57,6 +57,7 @@ def build_networks(cfg: PearlConfig, spec: FamilySpec) -> PearlNetworks:
             cfg.model.min_var,
             cfg.model.factor_rank,
             cfg.model.factor_diagonal,
+            cfg.model.factor_var == "shared",
         )
     )
     actor = TanhGaussianActor(spec.obs_dim, z, spec.act_dim, cfg.model.hidden)

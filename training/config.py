@@ -54,6 +54,13 @@ class ModelConfig(_Section):
             "factor_rank linear measurements of z (cheaper belief update on the device)"
         ),
     )
+    factor_var: Literal["per_transition", "shared"] = Field(
+        "per_transition",
+        description=(
+            "the diagonal part's variance: computed from each transition (PEARL), or one learned "
+            "variance per latent coordinate shared by every transition"
+        ),
+    )
     prior_var: float = Field(1.0, gt=0, description="variance of the N(0, prior_var I) prior")
     min_var: float = Field(
         1e-4, gt=0, description="floor on each factor's variance (softplus + min_var)"
@@ -64,6 +71,10 @@ class ModelConfig(_Section):
         if not self.factor_diagonal and self.factor_rank == 0:
             raise ValueError(
                 "factor_diagonal: false needs factor_rank >= 1 (a factor needs some precision)"
+            )
+        if self.factor_var == "shared" and not self.factor_diagonal:
+            raise ValueError(
+                "factor_var: shared is the diagonal part's variance: it needs factor_diagonal: true"
             )
         return self
 

@@ -368,9 +368,10 @@ def tracking_params(bundle: Path) -> dict[str, float]:
 
 
 def comparison_params(bundle: Path) -> list[dict[str, float]]:
-    """The param sets of the demo's tracking comparison: PEARL with its default forgetting
-    factor (1.0, the most precise in a steady wind) and with 0.9 (it follows a wind change);
-    one set (the defaults) for families without it."""
+    """The param sets of the demo's tracking comparison: PEARL with forgetting factor 1.0 (a
+    belief that never forgets: precise in a steady wind, stuck after a change) and 0.9 (it
+    follows a wind change; drone-track-residual's default); one set (the defaults) for families
+    without it."""
     return _forget(bundle, 1.0, 0.9)
 
 

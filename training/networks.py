@@ -60,7 +60,9 @@ class ContextEncoder(nn.Module):
     directions per transition, so one transition can pin down a linear combination of latent
     coordinates (a goal seen from one side constrains ``p . g``: a line, not an axis); the
     posterior then has a full covariance. Each direction's precision is at most
-    ``1 / min_var``, like the diagonal part's.
+    ``1 / min_var``, like the diagonal part's. ``shared_var``: the diagonal part is one learned
+    variance per latent coordinate for every transition (the net emits only the means), so the
+    posterior mean weighs every transition alike.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ContextEncoder(nn.Module):
         min_var: float,
         rank: int = 0,
         diag: bool = True,
+        shared_var: bool = False,
     ) -> None:
         super().__init__()
         if not (rank or diag):
@@ -81,15 +84,22 @@ class ContextEncoder(nn.Module):
         self.rank = rank
         self.diag = diag
         self.u_max = 1.0 / math.sqrt(min_var)
-        out = (1 + int(diag) + rank) * latent_dim
+        if shared_var and not diag:
+            raise ValueError("a shared variance is the diagonal part's: it needs diag")
+        self.shared_var = shared_var
+        out = (1 + int(diag and not shared_var) + rank) * latent_dim
         self.net = mlp(transition_dim(obs_dim, act_dim), hidden, out)
+        # One learned variance per latent coordinate, the same for every transition.
+        self.var_param = nn.Parameter(torch.zeros(latent_dim)) if self.shared_var else None
 
     def factor(self, transition_BD: torch.Tensor) -> Factor:
         out = self.net(transition_BD)
         z = self.latent_dim
         mu, rest = out[..., :z], out[..., z:]
         var = None
-        if self.diag:
+        if self.shared_var:
+            var = (F.softplus(self.var_param) + self.min_var).expand_as(mu)
+        elif self.diag:
             var, rest = F.softplus(rest[..., :z]) + self.min_var, rest[..., z:]
         if not self.rank:
             return Factor(mu, var, None)
