@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from runtime.bundle import (
     OODSpec,
     sha256_file,
 )
-from runtime.errors import BundleError
+from runtime.errors import BundleError, ConfigError
 from runtime.providers import CPU, CUDA, TRT
 from training.checkpoint import CONFIG_FILE, LoadedRun, load_run
 
@@ -75,6 +75,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     calibration_tasks: int = 64  # train tasks rolled out for OOD thresholds and test vectors
     force: bool = False
+    #: Defaults of declared adaptation params written into the manifest (e.g. PEARL's forget);
+    #: the calibration rollouts and test vectors use them too.
+    params: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +122,7 @@ def _build(
     profile: Any,
 ) -> tuple[Manifest, dict[str, Any] | None]:
     dims = family.dims_of(run)
+    adaptation = with_param_defaults(family.adaptation(run, None), options.params)
     if hasattr(family, "export_graphs"):  # a family with graphs of its own making (MAML)
         graphs = family.export_graphs(run, modules, tmp, options.opset)
     else:
@@ -126,10 +130,10 @@ def _build(
             name: export_graph(mod, name, dims, tmp / f"{name}.onnx", options.opset)
             for name, mod in modules.items()
         }
-    adaptation = family.adaptation(run, None)
     draft = _manifest(run, adaptation, graphs, {}, _placeholder_ood(), options, profile)
     recording = _calibration_recording(draft, tmp, run, options.calibration_tasks)
-    adaptation = family.adaptation(run, recording)  # a fitted summary needs the rollouts
+    # A fitted summary needs the rollouts.
+    adaptation = with_param_defaults(family.adaptation(run, recording), options.params)
     ood = OODSpec(**ood_thresholds(recording))
     vector_inputs = _vector_inputs(recording, run, dims)
     expected = {"step": torch_step(modules["step"], vector_inputs, dims)}
@@ -147,6 +151,26 @@ def _build(
     manifest = _manifest(run, adaptation, graphs, provenance, ood, options, profile, tolerance, tmp)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest, int8
+
+
+def with_param_defaults(adaptation: Any, values: dict[str, float]) -> Any:
+    """``adaptation`` with the defaults of its declared params replaced by ``values``; a name
+    it does not declare or a value outside the param's range is a :class:`ConfigError`."""
+    declared = {p.name: p for p in adaptation.params}
+    for name, value in values.items():
+        spec = declared.get(name)
+        if spec is None:
+            raise ConfigError(
+                f"--param {name}: {adaptation.algorithm} bundles declare "
+                f"{', '.join(declared) or 'no params'}"
+            )
+        if not spec.low <= value <= spec.high:
+            raise ConfigError(f"--param {name}={value}: outside [{spec.low}, {spec.high}]")
+    params = [
+        p.model_copy(update={"default": float(values[p.name])}) if p.name in values else p
+        for p in adaptation.params
+    ]
+    return adaptation.model_copy(update={"params": params})
 
 
 def _wants_int8(family: Any, options: ExportOptions, profile: Any) -> bool:
@@ -302,6 +326,8 @@ def _provenance(
         "eval": {"tasks": cfg.eval.tasks, "episodes": cfg.eval.episodes},
         "flops_per_step": {name: matrix_flops(m) for name, m in modules.items()},
     }
+    if options.params:
+        out["param_defaults"] = dict(options.params)  # export --param: set over the run's
     if int8 is not None:
         out["int8"] = int8
     return out

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtime.tasks.commands import add_param_arg
+
 if TYPE_CHECKING:
     from export.verify import VerifyResult
 
@@ -32,6 +34,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         default=64,
         help="train tasks rolled out to calibrate the OOD thresholds (at most; fewer when the "
         "recording would exceed its memory budget)",
+    )
+    add_param_arg(
+        p,
+        "the bundle's default of a declared adaptation param (PEARL: forget=0.9 for a device "
+        "whose task changes in flight); the device uses it unless told otherwise",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -68,6 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         calibration_tasks=args.calibration_tasks,
         force=args.force,
+        params=dict(args.param),
     )
     res = export_bundle(args.run_dir, args.out, opts)
     m = res.manifest
