@@ -156,20 +156,11 @@ def _build(
 def with_param_defaults(adaptation: Any, values: dict[str, float]) -> Any:
     """``adaptation`` with the defaults of its declared params replaced by ``values``; a name
     it does not declare or a value outside the param's range is a :class:`ConfigError`."""
-    declared = {p.name: p for p in adaptation.params}
-    for name, value in values.items():
-        spec = declared.get(name)
-        if spec is None:
-            raise ConfigError(
-                f"--param {name}: {adaptation.algorithm} bundles declare "
-                f"{', '.join(declared) or 'no params'}"
-            )
-        if not spec.low <= value <= spec.high:
-            raise ConfigError(f"--param {name}={value}: outside [{spec.low}, {spec.high}]")
-    params = [
-        p.model_copy(update={"default": float(values[p.name])}) if p.name in values else p
-        for p in adaptation.params
-    ]
+    try:
+        defaults = adaptation.param_values(values)
+    except ValueError as err:
+        raise ConfigError(f"export --param: {err}") from None
+    params = [p.model_copy(update={"default": defaults[p.name]}) for p in adaptation.params]
     return adaptation.model_copy(update={"params": params})
 
 

@@ -174,6 +174,23 @@ class _Adaptation(_Strict):
     def state_spec(self, name: str) -> StateSpec:
         return next(s for s in self.state if s.name == name)
 
+    def param_values(self, given: dict[str, float]) -> dict[str, float]:
+        """Every declared param's value: its default, or what ``given`` sets; a name the
+        family does not declare or a value outside the param's range is a ValueError."""
+        declared = {p.name: p for p in self.params}
+        values = {name: p.default for name, p in declared.items()}
+        for name, value in given.items():
+            spec = declared.get(name)
+            if spec is None:
+                raise ValueError(
+                    f"{getattr(self, 'algorithm', '')} bundles have no param {name!r}; they "
+                    f"declare: {', '.join(declared) or 'none'}"
+                )
+            if not spec.low <= float(value) <= spec.high:
+                raise ValueError(f"{name} must be in [{spec.low}, {spec.high}], got {value}")
+            values[name] = float(value)
+        return values
+
     def summarize(self, state: dict[str, np.ndarray]) -> Summary:
         """Default: the first (up to 8) entries of the first state tensor, no spread."""
         first = state[self.state[0].name]

@@ -438,22 +438,13 @@ class Agent:
 
     # -- internals ---------------------------------------------------------------------------
     def _param_values(self) -> dict[str, float]:
-        declared = {p.name: p for p in self.adaptation.params}
         given = dict(self.config.params)
         if self.config.forget is not None:
             given["forget"] = self.config.forget
-        values = {name: p.default for name, p in declared.items()}
-        for name, value in given.items():
-            spec = declared.get(name)
-            if spec is None:
-                raise InputError(
-                    f"{self.algorithm} bundles have no param {name!r}; they declare: "
-                    f"{', '.join(declared) or 'none'}"
-                )
-            if not spec.low <= float(value) <= spec.high:
-                raise InputError(f"{name} must be in [{spec.low}, {spec.high}], got {value}")
-            values[name] = float(value)
-        return values
+        try:
+            return self.adaptation.param_values(given)
+        except ValueError as err:
+            raise InputError(str(err)) from None
 
     def _session(self, graph: str, providers: list[str] | None) -> GraphSession:
         spec = self.manifest.graph(graph)

@@ -48,8 +48,11 @@ def test_the_bundle_declares_the_default_and_the_agent_flies_it(forgetting_bundl
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"forgett": 0.9}, "--param forgett: pearl bundles declare forget"),
-        ({"forget": 1.5}, "--param forget=1.5: outside [0.001, 1.0]"),
+        (
+            {"forgett": 0.9},
+            "export --param: pearl bundles have no param 'forgett'; they declare: forget",
+        ),
+        ({"forget": 1.5}, "export --param: forget must be in [0.001, 1.0], got 1.5"),
     ],
 )
 def test_an_undeclared_or_out_of_range_param_is_refused_and_writes_nothing(
