@@ -177,3 +177,41 @@ def test_episode_contexts_stand_for_the_first_k_transitions_of_a_recent_episode(
                 assert len(np.unique(used)) == size, "k > size: distinct transitions"
                 np.testing.assert_allclose(w, k / size)
     assert seen_short and seen_long
+
+
+def test_weight_averages_are_what_the_run_deploys_and_resume_exactly(tmp_path: Path) -> None:
+    """``train.average_decay``: the checkpoint keeps the trained weights (to resume) and their
+    moving averages, which ``load_run`` (export, evaluate) loads; a resumed run ends where one
+    straight run does."""
+    avg = {"average_decay": 0.9}
+    train(tiny_config(train=avg), tmp_path / "straight", progress=False)
+    data = torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=True)
+    assert set(data["averaged"]) == {"actor", "encoder"}
+    deployed = load_run(tmp_path / "straight").nets
+    for name in ("actor", "encoder"):
+        got = getattr(deployed, name).state_dict()
+        for key, value in got.items():
+            torch.testing.assert_close(value, data["averaged"][name][key], rtol=0, atol=0)
+        trained = data["nets"][name]
+        assert any(not torch.equal(got[k], trained[k]) for k in got)  # an average, not a copy
+    train(tiny_config(train={**avg, "iterations": 2}), tmp_path / "resumed", progress=False)
+    train(tiny_config(train=avg), tmp_path / "resumed", resume=True, progress=False)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/latest.pt", weights_only=True)
+    for part in ("nets", "averaged"):
+        for name, weights in resumed[part].items():
+            for key, value in weights.items():
+                torch.testing.assert_close(value, data[part][name][key], rtol=0, atol=0)
+
+
+def test_an_average_step_moves_each_weight_by_one_minus_the_decay() -> None:
+    from training.pearl import update_averages
+
+    state = init_state(tiny_config(train={"average_decay": 0.75}))
+    before = {k: v.clone() for k, v in state.averaged["actor"].state_dict().items()}
+    with torch.no_grad():
+        for p in state.nets.actor.parameters():
+            p.add_(1.0)
+    update_averages(state)
+    for key, value in state.averaged["actor"].state_dict().items():
+        live = state.nets.actor.state_dict()[key]
+        torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * live)

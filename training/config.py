@@ -162,6 +162,16 @@ class TrainLoopConfig(LoopConfig):
         ),
     )
     buffer_size: int = Field(20_000, ge=100, description="transitions kept per task")
+    average_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "exponential moving average of the encoder's and actor's weights, per gradient "
+            "step: what the in-training evaluation flies and what export and evaluate load "
+            "(the last iterate keeps training); 0 = no average, 0.999 = about the last 1000 steps"
+        ),
+    )
     eval_every: int = Field(20, ge=1, description="iterations between evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
     num_threads: int = Field(2, ge=1, description="torch intra-op threads")

@@ -9,6 +9,8 @@ vector.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import time
@@ -78,6 +80,8 @@ class TrainState:
     env_steps: int = 0
     updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: ``train.average_decay`` > 0: moving averages of the deployed modules (actor, encoder).
+    averaged: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 def train(
@@ -154,7 +158,36 @@ def init_state(cfg: TrainConfig) -> TrainState:
     if cfg.sac.alpha == "auto":
         optimizers["alpha"] = torch.optim.Adam([nets.log_alpha], lr=cfg.sac.lr_alpha)
     buffer = MultiTaskReplay(len(train_tasks), cfg.train.buffer_size, spec.obs_dim, spec.act_dim)
-    return TrainState(cfg, nets, optimizers, buffer, train_tasks, rng, gen, spec)
+    state = TrainState(cfg, nets, optimizers, buffer, train_tasks, rng, gen, spec)
+    if cfg.train.average_decay > 0:
+        state.averaged = {name: _frozen_copy(m) for name, m in deployed_modules(nets).items()}
+    return state
+
+
+def deployed_modules(nets: PearlNetworks) -> dict[str, torch.nn.Module]:
+    """The modules a bundle carries (and ``train.average_decay`` averages)."""
+    return {k: m for k, m in nets.modules().items() if k in ("actor", "encoder")}
+
+
+def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def update_averages(state: TrainState) -> None:
+    """One EMA step of every averaged module toward the trained one."""
+    weight = 1.0 - state.cfg.train.average_decay
+    for name, avg in state.averaged.items():
+        live = deployed_modules(state.nets)[name]
+        torch._foreach_lerp_(list(avg.parameters()), list(live.parameters()), weight)
+
+
+def deployed_nets(state: TrainState) -> PearlNetworks:
+    """The networks as they would be exported: the averages where there are some."""
+    return dataclasses.replace(state.nets, **state.averaged) if state.averaged else state.nets
 
 
 def train_task_set(family: TaskFamily, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
@@ -166,11 +199,11 @@ def train_task_set(family: TaskFamily, cfg: TrainConfig, rng: np.random.Generato
     return family.sample_tasks(Split.TRAIN, n, rng)
 
 
-def make_policy(state: TrainState, **kwargs: Any) -> PearlPolicy:
+def make_policy(state: TrainState, nets: PearlNetworks | None = None, **kwargs: Any) -> PearlPolicy:
     cfg, spec = state.cfg, state.spec
     cls = OraclePolicy if is_oracle(cfg) else PearlPolicy
     return cls(
-        state.nets,
+        nets or state.nets,
         spec,
         policy_latent_dim(cfg, spec),
         cfg.model.prior_var,
@@ -336,6 +369,8 @@ def update(state: TrainState) -> dict[str, float]:
         act.loss_alpha.backward()
         opt["alpha"].step()
     soft_update(nets.critic_target, nets.critic, cfg.sac.tau)
+    if state.averaged:
+        update_averages(state)
     state.updates += 1
     return {
         "loss_critic": float(crit.loss_critic.detach()),
@@ -352,7 +387,9 @@ def quick_eval(state: TrainState) -> dict[str, float]:
     cfg = state.cfg
     family = make_family(cfg.env.name, 1)
     tasks = held_out_tasks(family, Split.TEST, cfg.eval.tasks, seed=cfg.seed + 1)
-    policy = make_policy(state, stochastic=False, z_mode="mean", adaptive=True)
+    policy = make_policy(
+        state, deployed_nets(state), stochastic=False, z_mode="mean", adaptive=True
+    )
     res = rollout(policy, cfg.env.name, tasks, episodes=2, seed=cfg.seed + 2)
     return res.eval_row()
 
@@ -390,6 +427,8 @@ def checkpoint(state: TrainState, run_dir: Path) -> None:
         "train_tasks": torch.from_numpy(state.train_tasks.copy()),
     }
     extra["log_alpha"] = state.nets.log_alpha.detach().clone()
+    if state.averaged:
+        extra["averaged"] = {name: m.state_dict() for name, m in state.averaged.items()}
     save_checkpoint(run_dir, state.nets.modules(), extra)
     tmp = checkpoint_dir(run_dir) / "buffer.tmp.npz"
     np.savez(tmp, **state.buffer.state_dict())
@@ -402,6 +441,10 @@ def restore(state: TrainState, run_dir: Path) -> None:
     for name, module in state.nets.modules().items():
         module.load_state_dict(data["nets"][name])
     state.nets.log_alpha.data.copy_(data["log_alpha"])
+    for name, avg in state.averaged.items():
+        # A run that did not average yet starts its averages at the restored weights.
+        saved = data.get("averaged", {}).get(name, data["nets"][name])
+        avg.load_state_dict(saved)
     for k, o in state.optimizers.items():
         o.load_state_dict(data["optim"][k])
     state.iteration = int(data["iteration"])
@@ -423,6 +466,9 @@ def load_networks(cfg: TrainConfig, spec: Any, state: dict[str, Any]) -> PearlNe
         for name, module in nets.modules().items():
             module.load_state_dict(state["nets"][name])
         nets.log_alpha.data.copy_(state["log_alpha"])
+        # What the run deploys: the moving averages of train.average_decay, when it kept some.
+        for name, weights in state.get("averaged", {}).items():
+            nets.modules()[name].load_state_dict(weights)
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint does not match the run's config ({exc})") from None
     return nets
