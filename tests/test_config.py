@@ -58,6 +58,8 @@ def _write(tmp_path: Path, text: str) -> Path:
             "factor_var: shared is the diagonal part's variance",
         ),
         ("model: {factor_var: global}\n", [], "key 'model.factor_var'"),
+        ("train: {average_modules: [critic]}\n", [], "key 'train.average_modules'"),
+        ("train: {average_decay: 1.0}\n", [], "key 'train.average_decay'"),
     ],
 )
 def test_bad_config_fails_naming_file_and_key(

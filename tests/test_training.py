@@ -215,3 +215,17 @@ def test_an_average_step_moves_each_weight_by_one_minus_the_decay() -> None:
     for key, value in state.averaged["actor"].state_dict().items():
         live = state.nets.actor.state_dict()[key]
         torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * live)
+
+
+def test_average_modules_picks_what_is_averaged_and_the_rest_deploys_as_trained(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny_config(train={"average_decay": 0.9, "average_modules": ["actor"], "iterations": 2})
+    train(cfg, tmp_path / "run", progress=False)
+    data = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert set(data["averaged"]) == {"actor"}
+    deployed = load_run(tmp_path / "run").nets
+    for key, value in deployed.encoder.state_dict().items():
+        torch.testing.assert_close(value, data["nets"]["encoder"][key], rtol=0, atol=0)
+    for key, value in deployed.actor.state_dict().items():
+        torch.testing.assert_close(value, data["averaged"]["actor"][key], rtol=0, atol=0)

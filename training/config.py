@@ -167,10 +167,16 @@ class TrainLoopConfig(LoopConfig):
         ge=0,
         lt=1,
         description=(
-            "exponential moving average of the encoder's and actor's weights, per gradient "
-            "step: what the in-training evaluation flies and what export and evaluate load "
-            "(the last iterate keeps training); 0 = no average, 0.999 = about the last 1000 steps"
+            "exponential moving average of the deployed networks' weights (average_modules), "
+            "per gradient step: what the in-training evaluation flies and what export and "
+            "evaluate load (the last iterate keeps training); 0 = no average, 0.999 = about "
+            "the last 1000 steps"
         ),
+    )
+    average_modules: tuple[Literal["actor", "encoder"], ...] = Field(
+        ("actor", "encoder"),
+        min_length=1,
+        description="which deployed networks average_decay averages (the others deploy as trained)",
     )
     eval_every: int = Field(20, ge=1, description="iterations between evaluations")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")

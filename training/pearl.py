@@ -160,13 +160,14 @@ def init_state(cfg: TrainConfig) -> TrainState:
     buffer = MultiTaskReplay(len(train_tasks), cfg.train.buffer_size, spec.obs_dim, spec.act_dim)
     state = TrainState(cfg, nets, optimizers, buffer, train_tasks, rng, gen, spec)
     if cfg.train.average_decay > 0:
-        state.averaged = {name: _frozen_copy(m) for name, m in deployed_modules(nets).items()}
+        state.averaged = {name: _frozen_copy(m) for name, m in averaged_modules(cfg, nets).items()}
     return state
 
 
-def deployed_modules(nets: PearlNetworks) -> dict[str, torch.nn.Module]:
-    """The modules a bundle carries (and ``train.average_decay`` averages)."""
-    return {k: m for k, m in nets.modules().items() if k in ("actor", "encoder")}
+def averaged_modules(cfg: TrainConfig, nets: PearlNetworks) -> dict[str, torch.nn.Module]:
+    """The deployed modules ``train.average_decay`` averages (``train.average_modules``; the
+    oracle has no encoder)."""
+    return {k: m for k, m in nets.modules().items() if k in cfg.train.average_modules}
 
 
 def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -181,7 +182,7 @@ def update_averages(state: TrainState) -> None:
     """One EMA step of every averaged module toward the trained one."""
     weight = 1.0 - state.cfg.train.average_decay
     for name, avg in state.averaged.items():
-        live = deployed_modules(state.nets)[name]
+        live = averaged_modules(state.cfg, state.nets)[name]
         torch._foreach_lerp_(list(avg.parameters()), list(live.parameters()), weight)
 
 
