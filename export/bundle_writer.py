@@ -132,8 +132,9 @@ def _build(
         }
     draft = _manifest(run, adaptation, graphs, {}, _placeholder_ood(), options, profile)
     recording = _calibration_recording(draft, tmp, run, options.calibration_tasks)
-    # A fitted summary needs the rollouts.
-    adaptation = with_param_defaults(family.adaptation(run, recording), options.params)
+    # A fitted summary needs the rollouts; the params keep the defaults set above.
+    fitted = family.adaptation(run, recording)
+    adaptation = fitted.model_copy(update={"params": adaptation.params})
     ood = OODSpec(**ood_thresholds(recording))
     vector_inputs = _vector_inputs(recording, run, dims)
     expected = {"step": torch_step(modules["step"], vector_inputs, dims)}

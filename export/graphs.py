@@ -233,18 +233,14 @@ class FullStepGraph(StepGraph):
         super().__init__(encoder, actor, spec, prior_var)
         z = encoder.latent_dim
         # The encoder's output columns: mu, the diagonal part (if any), the directions.
-        per_transition_var = encoder.diag and not encoder.shared_var
-        self.split_sizes = [z] + ([z] if per_transition_var else []) + [z * encoder.rank]
+        self.split_sizes = [z] + ([z] if encoder.per_transition_var else []) + [z * encoder.rank]
 
     def factor(self, transition: torch.Tensor) -> Factor:
         """``encoder.factor`` for a (B, D) batch with fewer graph nodes: one Split and a
         constant-shape Reshape instead of slices and a shape computation (same numbers)."""
         enc = self.encoder
         parts = enc.net(transition).split(self.split_sizes, dim=-1)
-        if enc.shared_var:
-            var = (F.softplus(enc.var_param) + enc.min_var).expand_as(parts[0])
-        else:
-            var = F.softplus(parts[1]) + enc.min_var if enc.diag else None
+        var = enc.variance(parts[1] if enc.per_transition_var else None, parts[0])
         u = enc.u_max * torch.tanh(parts[-1] / enc.u_max)
         return Factor(parts[0], var, u.reshape(-1, enc.latent_dim, enc.rank))
 

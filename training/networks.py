@@ -92,15 +92,26 @@ class ContextEncoder(nn.Module):
         # One learned variance per latent coordinate, the same for every transition.
         self.var_param = nn.Parameter(torch.zeros(latent_dim)) if self.shared_var else None
 
+    @property
+    def per_transition_var(self) -> bool:
+        """Whether the net emits the diagonal part's variance (columns z..2z of its output)."""
+        return self.diag and not self.shared_var
+
+    def variance(self, raw: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor | None:
+        """The diagonal part's variance: shared, from the net's ``raw`` variance columns, or
+        None without a diagonal part."""
+        if self.shared_var:
+            return (F.softplus(self.var_param) + self.min_var).expand_as(mu)
+        return F.softplus(raw) + self.min_var if raw is not None else None
+
     def factor(self, transition_BD: torch.Tensor) -> Factor:
         out = self.net(transition_BD)
         z = self.latent_dim
         mu, rest = out[..., :z], out[..., z:]
-        var = None
-        if self.shared_var:
-            var = (F.softplus(self.var_param) + self.min_var).expand_as(mu)
-        elif self.diag:
-            var, rest = F.softplus(rest[..., :z]) + self.min_var, rest[..., z:]
+        raw = None
+        if self.per_transition_var:
+            raw, rest = rest[..., :z], rest[..., z:]
+        var = self.variance(raw, mu)
         if not self.rank:
             return Factor(mu, var, None)
         u = rest.unflatten(-1, (z, self.rank))

@@ -180,10 +180,10 @@ def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def update_averages(state: TrainState) -> None:
     """One EMA step of every averaged module toward the trained one."""
-    weight = 1.0 - state.cfg.train.average_decay
-    for name, avg in state.averaged.items():
-        live = averaged_modules(state.cfg, state.nets)[name]
-        torch._foreach_lerp_(list(avg.parameters()), list(live.parameters()), weight)
+    live = averaged_modules(state.cfg, state.nets)
+    averages = [p for avg in state.averaged.values() for p in avg.parameters()]
+    trained = [p for name in state.averaged for p in live[name].parameters()]
+    torch._foreach_lerp_(averages, trained, 1.0 - state.cfg.train.average_decay)
 
 
 def deployed_nets(state: TrainState) -> PearlNetworks:

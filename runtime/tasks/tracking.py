@@ -210,15 +210,15 @@ def run_benchmark(
     episodes: int = 2,
     skip_s: float = 2.0,
     seed: int = 0,
-    params: dict[str, float] | list[dict[str, float]] | None = None,
+    params: list[dict[str, float]] | None = None,
     oracles: Iterable[str] = (),
     traces: bool = False,
 ) -> dict:
     """Every controller through :func:`evaluate`; the JSON of ``bench tracking``.
 
-    ``params`` (name -> value) set the declared params of the bundles that declare them
-    (PEARL: ``forget``); other bundles fly with their defaults. A list of such dicts
-    (:func:`param_sets`) flies a bundle adaptive once per set. ``oracles``: privileged oracle
+    ``params``: param sets (:func:`param_sets`; each name -> value) for the bundles that declare
+    them (PEARL: ``forget``): a bundle flies adaptive once per set, other bundles with their
+    defaults; None = one set of defaults. ``oracles``: privileged oracle
     run directories (torch; needs the train extra). ``traces``: add the per-step wind-change
     error curves (:func:`wind_change`).
     """
@@ -227,7 +227,7 @@ def run_benchmark(
     learned: dict[str, Builder] = {}
     for path in oracles:
         learned.update(_oracle_builder(path, {**classical, **learned}))
-    sets = params if isinstance(params, list) else [params or {}]
+    sets = params or [{}]
     for path in bundles:
         learned.update(_bundle_builders(path, {**classical, **learned}, sets))
     if any(b.family == "drone-track-residual" for b in learned.values()):
@@ -454,10 +454,8 @@ def param_sets(pairs: Iterable[tuple[str, float]]) -> list[dict[str, float]]:
     return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
 
 
-def _bundle_builders(
-    path: str, taken: dict, param_sets: list[dict[str, float]]
-) -> dict[str, Builder]:
-    """The bundle adaptive (once per set of ``param_sets``, with the params it declares) and
+def _bundle_builders(path: str, taken: dict, sets: list[dict[str, float]]) -> dict[str, Builder]:
+    """The bundle adaptive (once per param set of ``sets``, with the params it declares) and
     with its state held at the initial value (non-adaptive)."""
     from runtime.agent import Agent, AgentConfig
     from runtime.bundle import load_verified
@@ -472,7 +470,7 @@ def _bundle_builders(
     if label in {k.split(" (")[0] for k in taken}:
         label = f"{label} [{path}]"
     out = {}
-    for params in param_sets:
+    for params in sets:
         used = {k: float(v) for k, v in params.items() if k in declared}
         shown = ", ".join(f"{k}={v:g}" for k, v in used.items())
         named = f"{label} ({shown})" if used else label
